@@ -1,0 +1,1 @@
+"""lmtp-gateway: incoming mail for self-managed GitLab over LMTP."""

@@ -1,0 +1,3 @@
+from lmtp_gateway.cli import main
+
+main()

@@ -1,0 +1,410 @@
+"""Configuration: the gateway's YAML, or GitLab's own ``gitlab.yml``, checked key by key.
+
+Section and key names are GitLab's, so an admin can paste the ``incoming_email:`` and ``service_desk_email:``
+blocks of ``gitlab.yml`` unchanged. Every error names the file, the dotted key and what is wrong, and never
+shows the value of a secret.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lmtp_gateway.rules import MAILBOX_TYPES, AddressTemplate, RoutingTable, TemplateError
+
+ENV_CONFIG = "LMTP_GATEWAY_CONFIG"
+DEFAULT_LISTEN = "127.0.0.1:2424"
+DEFAULT_MAX_MESSAGE_SIZE = 25 * 1024 * 1024
+DEFAULT_RETENTION = 7 * 86400
+DELIVERY_METHODS = ("sidekiq", "webhook", "maildir")
+TIMESTAMP_STYLES = ("sidekiq7", "sidekiq8")
+
+
+class ConfigError(Exception):
+    """A configuration problem, phrased so the admin knows what to fix."""
+
+
+# --- value checkers: each takes (value) and returns the converted value or raises ValueError(message) ---
+
+
+def _string(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ValueError(f"expected a string, got {_kind(value)}")
+    return str(value)
+
+
+def _integer(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, str) and value.strip().isdigit():
+            return int(value)
+        raise ValueError(f"expected a whole number, got {_kind(value)}")
+    return value
+
+
+def _boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"expected true or false, got {_kind(value)}")
+
+
+_SIZE = re.compile(r"(?i)\s*(\d+)\s*([kmg]?)(?:i?b)?\s*")
+_DURATION = re.compile(r"(?i)\s*(\d+)\s*([smhdw]?)\s*")
+_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from ``26214400``, ``25M``, ``25MB`` or ``25 MiB`` (binary units, as Postfix counts)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    found = _SIZE.fullmatch(value) if isinstance(value, str) else None
+    if not found or int(found[1]) == 0:
+        raise ValueError(f"expected a size such as 25M or 26214400, got {_kind(value)}")
+    return int(found[1]) * _UNITS[found[2].lower()]
+
+
+def parse_duration(value: Any) -> int:
+    """Seconds from ``604800``, ``7d``, ``12h``, ``30m`` or ``2w``."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    found = _DURATION.fullmatch(value) if isinstance(value, str) else None
+    if not found:
+        raise ValueError(f"expected a duration such as 7d, 12h or 3600, got {_kind(value)}")
+    return int(found[1]) * _SECONDS[found[2].lower()]
+
+
+def _file_mode(value: Any) -> int:
+    text = f"{value:o}" if isinstance(value, int) and not isinstance(value, bool) else value
+    if isinstance(text, str) and re.fullmatch(r"0?[0-7]{3}", text.strip()):
+        return int(text, 8)
+    raise ValueError(f"expected an octal mode such as '0660', got {_kind(value)}")
+
+
+def _string_list(value: Any) -> tuple[str, ...]:
+    items = value if isinstance(value, list) else [value]
+    return tuple(_string(item) for item in items)
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if value not in choices:
+            hint = _did_you_mean(str(value), choices)
+            raise ValueError(f"expected one of {', '.join(choices)}, got {_kind(value)}{hint}")
+        return str(value)
+
+    return check
+
+
+def _sentinels(value: Any) -> tuple[tuple[str, int], ...]:
+    if not isinstance(value, list):
+        raise ValueError("expected a list of {host: ..., port: ...} entries")
+    result = []
+    for entry in value:
+        if not isinstance(entry, dict) or "host" not in entry:
+            raise ValueError("each sentinel needs host (and optionally port, default 26379)")
+        result.append((_string(entry["host"]), _integer(entry.get("port", 26379))))
+    return tuple(result)
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return repr(value)
+
+
+def _did_you_mean(word: str, choices: Any) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# --- the schema ---
+
+Checker = Callable[[Any], Any]
+Schema = Mapping[str, "Checker | Mapping[str, Any]"]
+
+SECRET_KEYS = frozenset({"password", "client_secret", "sentinel_password"})
+
+INBOX_OPTIONS: Schema = {
+    "tenant_id": _string,
+    "client_id": _string,
+    "client_secret": _string,
+    "poll_interval": _integer,
+    "azure_ad_endpoint": _string,
+    "graph_endpoint": _string,
+}
+
+MAILBOX_SCHEMA: Schema = {
+    "enabled": _boolean,
+    "address": _string,
+    "user": _string,
+    "password": _string,
+    "host": _string,
+    "port": _integer,
+    "ssl": _boolean,
+    "start_tls": _boolean,
+    "mailbox": _string,
+    "idle_timeout": _integer,
+    "delete_after_delivery": _boolean,
+    "expunge_deleted": _boolean,
+    "inbox_method": _choice("imap", "microsoft_graph"),
+    "inbox_options": INBOX_OPTIONS,
+    "delivery_method": _choice(*DELIVERY_METHODS),
+    "secret_file": _string,
+    "encrypted_secret_file": _string,
+    "log_path": _string,  # gitlab.yml carries it for mail_room; accepted and unused
+}
+
+SCHEMA: Schema = {
+    "gitlab": {"host": _string, "url": _string},
+    "incoming_email": MAILBOX_SCHEMA,
+    "service_desk_email": MAILBOX_SCHEMA,
+    "lmtp": {
+        "listen": _string_list,
+        "max_message_size": parse_size,
+        "socket_mode": _file_mode,
+        "socket_group": _string,
+        "hostname": _string,
+    },
+    "redis": {
+        "url": _string,
+        "sentinels": _sentinels,
+        "sentinel_password": _string,
+        "queue": _string,
+        "timestamp_style": _choice(*TIMESTAMP_STYLES),
+    },
+    "spool": {"path": _string, "retention": parse_duration, "fsync": _boolean},
+}
+
+
+def _check(data: Any, schema: Schema, where: str, source: str, strict: bool) -> dict[str, Any]:
+    """Validate `data` against `schema`; unknown keys are errors when `strict` (our own file)."""
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {where or 'top level'}: expected a mapping of keys, got {_kind(data)}")
+    result: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        spec = schema.get(key)
+        if spec is None:
+            if strict:
+                hint = _did_you_mean(str(key), schema)
+                raise ConfigError(f"{source}: {path}: unknown key{hint}")
+            continue
+        if isinstance(spec, Mapping):
+            result[key] = _check(value, spec, path, source, strict)
+            continue
+        try:
+            result[key] = spec(value)
+        except ValueError as error:
+            message = (
+                "has the wrong type or format (value hidden: it is a secret)" if key in SECRET_KEYS else error
+            )
+            raise ConfigError(f"{source}: {path}: {message}") from None
+    return result
+
+
+# --- the typed result ---
+
+
+@dataclass(frozen=True)
+class MailboxConfig:
+    """One GitLab mailbox type: where its mail is addressed and how it reaches GitLab."""
+
+    name: str
+    template: AddressTemplate
+    delivery_method: str
+    secret_file: Path | None = None
+    settings: Mapping[str, Any] = field(default_factory=dict)  # the collector keys, as given
+
+
+@dataclass(frozen=True)
+class LmtpConfig:
+    listen: tuple[str, ...] = (DEFAULT_LISTEN,)
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    socket_mode: int = 0o660
+    socket_group: str | None = None
+    hostname: str | None = None
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    url: str = "redis://127.0.0.1:6379/0"
+    sentinels: tuple[tuple[str, int], ...] = ()
+    sentinel_password: str | None = field(default=None, repr=False)
+    queue: str = "default"
+    timestamp_style: str = "sidekiq7"
+
+
+@dataclass(frozen=True)
+class SpoolConfig:
+    path: Path
+    retention: int = DEFAULT_RETENTION
+    fsync: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    source: str
+    gitlab_host: str
+    gitlab_url: str | None
+    mailboxes: Mapping[str, MailboxConfig]
+    lmtp: LmtpConfig
+    redis: RedisConfig
+    spool: SpoolConfig
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def routing(self) -> RoutingTable:
+        return RoutingTable(self.gitlab_host, tuple((m.name, m.template) for m in self.mailboxes.values()))
+
+
+def default_spool_path() -> Path:
+    """systemd's StateDirectory when run as a unit, else the XDG state directory."""
+    if os.environ.get("STATE_DIRECTORY"):
+        return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
+    state_home = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return Path(state_home) / "lmtp-gateway"
+
+
+# Used when no file is given: LMTP on loopback, delivery to a local Maildir, no GitLab needed.
+EMBEDDED_DEFAULT = """\
+gitlab:
+  host: localhost
+incoming_email:
+  address: "incoming+%{key}@localhost"
+  delivery_method: maildir
+service_desk_email:
+  address: "contact+%{key}@localhost"
+  delivery_method: maildir
+"""
+
+
+def is_gitlab_yml(data: Any) -> bool:
+    """gitlab.yml has environment sections (``production:``, ``development:``…) at the top."""
+    return isinstance(data, dict) and "production" in data and "gitlab" not in data
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Load `path`, else $LMTP_GATEWAY_CONFIG, else the embedded default."""
+    chosen = path if path is not None else os.environ.get(ENV_CONFIG) or None
+    if chosen is None:
+        return parse_config(EMBEDDED_DEFAULT, "<embedded default>")
+    source = str(chosen)
+    try:
+        text = Path(chosen).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: no such file (give --config FILE or set {ENV_CONFIG})") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{source}: cannot read: {error}") from None
+    return parse_config(text, source)
+
+
+def parse_config(text: str, source: str) -> Config:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{source}: not valid YAML{where}: {problem}") from None
+    warnings: list[str] = []
+    if is_gitlab_yml(data):
+        data = _from_gitlab_yml(data, source, warnings)
+        strict = False
+        default_delivery = "sidekiq"  # what GitLab itself does when delivery_method is unset
+    else:
+        strict = True
+        default_delivery = "maildir"
+    if data is None:
+        raise ConfigError(f"{source}: the file is empty; see contrib/config/ for examples")
+    checked = _check(data, SCHEMA, "", source, strict)
+    return _build(checked, source, default_delivery, tuple(warnings))
+
+
+def _from_gitlab_yml(data: dict[str, Any], source: str, warnings: list[str]) -> dict[str, Any]:
+    production = data.get("production")
+    if not isinstance(production, dict):
+        raise ConfigError(f"{source}: production: expected the production environment's settings")
+    gitlab = production.get("gitlab") or {}
+    result: dict[str, Any] = {"gitlab": {"host": gitlab.get("host", "localhost")}}
+    if isinstance(gitlab, dict) and gitlab.get("host"):
+        scheme = "https" if gitlab.get("https") else "http"
+        port = gitlab.get("port")
+        default_port = 443 if scheme == "https" else 80
+        netloc = gitlab["host"] if port in (None, default_port) else f"{gitlab['host']}:{port}"
+        relative = gitlab.get("relative_url_root") or ""
+        result["gitlab"]["url"] = f"{scheme}://{netloc}{relative}"
+    for name in MAILBOX_TYPES:
+        section = production.get(name)
+        if isinstance(section, dict):
+            unknown = sorted(set(section) - set(MAILBOX_SCHEMA))
+            if unknown:
+                warnings.append(f"{source}: production.{name}: ignoring keys {', '.join(unknown)}")
+            result[name] = section
+    return result
+
+
+def _build(data: dict[str, Any], source: str, default_delivery: str, warnings: tuple[str, ...]) -> Config:
+    gitlab = data.get("gitlab", {})
+    mailboxes: dict[str, MailboxConfig] = {}
+    for name in MAILBOX_TYPES:
+        section = data.get(name)
+        if section is None or section.get("enabled", True) is False:
+            continue
+        if "address" not in section:
+            raise ConfigError(
+                f'{source}: {name}.address: missing (e.g. "incoming+%{{key}}@incoming.example.com")'
+            )
+        try:
+            template = AddressTemplate.parse(section["address"])
+        except TemplateError as error:
+            raise ConfigError(f"{source}: {name}.address: {error}") from None
+        secret = section.get("secret_file")
+        mailbox = MailboxConfig(
+            name=name,
+            template=template,
+            delivery_method=section.get("delivery_method", default_delivery),
+            secret_file=Path(secret).expanduser() if secret else None,
+            settings=section,
+        )
+        if mailbox.delivery_method == "webhook":
+            if not gitlab.get("url"):
+                raise ConfigError(f"{source}: gitlab.url: needed by {name}.delivery_method: webhook")
+            if mailbox.secret_file is None:
+                raise ConfigError(
+                    f"{source}: {name}.secret_file: needed by delivery_method: webhook "
+                    "(GitLab's .gitlab_mailroom_secret)"
+                )
+        mailboxes[name] = mailbox
+    if not mailboxes:
+        raise ConfigError(
+            f"{source}: incoming_email: no enabled mailbox; give incoming_email.address "
+            "and/or service_desk_email.address"
+        )
+    spool = data.get("spool", {})
+    return Config(
+        source=source,
+        gitlab_host=gitlab.get("host", "localhost"),
+        gitlab_url=gitlab.get("url"),
+        mailboxes=mailboxes,
+        lmtp=LmtpConfig(**data.get("lmtp", {})),
+        redis=RedisConfig(**data.get("redis", {})),
+        spool=SpoolConfig(
+            path=Path(spool["path"]).expanduser() if "path" in spool else default_spool_path(),
+            retention=spool.get("retention", DEFAULT_RETENTION),
+            fsync=spool.get("fsync", True),
+        ),
+        warnings=warnings,
+    )

@@ -1,0 +1,176 @@
+"""Configuration: our YAML, GitLab's gitlab.yml, and errors that say what to fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lmtp_gateway.config import ConfigError, load_config, parse_config, parse_duration, parse_size
+
+GOOD = """
+gitlab:
+  host: gitlab.example.com
+  url: https://gitlab.example.com
+incoming_email:
+  address: "incoming+%{key}@incoming.example.com"
+service_desk_email:
+  address: "contact+%{key}@incoming.example.com"
+lmtp:
+  listen: [unix:/run/lmtp-gateway/lmtp.sock, "127.0.0.1:2424"]
+  max_message_size: 25M
+  socket_mode: "0660"
+  socket_group: postfix
+spool:
+  path: /var/lib/lmtp-gateway
+  retention: 7d
+redis:
+  url: redis://redis.example.com:6379/0
+  timestamp_style: sidekiq8
+"""
+
+
+def test_full_configuration() -> None:
+    config = parse_config(GOOD, "gw.yml")
+    assert config.gitlab_host == "gitlab.example.com"
+    assert list(config.mailboxes) == ["incoming_email", "service_desk_email"]
+    assert config.mailboxes["incoming_email"].delivery_method == "maildir"
+    assert config.lmtp.listen == ("unix:/run/lmtp-gateway/lmtp.sock", "127.0.0.1:2424")
+    assert config.lmtp.max_message_size == 25 * 1024 * 1024
+    assert config.lmtp.socket_mode == 0o660
+    assert config.spool.retention == 7 * 86400
+    assert config.redis.timestamp_style == "sidekiq8"
+    assert config.routing.template("service_desk_email") is not None
+
+
+def error_of(text: str) -> str:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, "gw.yml")
+    return str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "incoming_emial:\n  address: a+%{key}@b",
+            "gw.yml: incoming_emial: unknown key (did you mean 'incoming_email'?)",
+        ),
+        (
+            "incoming_email:\n  adress: a+%{key}@b",
+            "gw.yml: incoming_email.adress: unknown key (did you mean 'address'?)",
+        ),
+        (
+            "incoming_email:\n  address: a@%{key}.b",
+            "gw.yml: incoming_email.address: %{key} must be in the local part",
+        ),
+        (
+            "incoming_email:\n  address: a+%{key}@b\n  port: many",
+            "gw.yml: incoming_email.port: expected a whole number, got 'many'",
+        ),
+        (
+            "incoming_email:\n  address: a+%{key}@b\n  ssl: 'yes'",
+            "gw.yml: incoming_email.ssl: expected true or false",
+        ),
+        ("incoming_email:\n  address: a+%{key}@b\n  delivery_method: sidekiqq", "did you mean 'sidekiq'?"),
+        (
+            "incoming_email:\n  address: a+%{key}@b\nlmtp:\n  max_message_size: huge",
+            "gw.yml: lmtp.max_message_size: expected a size",
+        ),
+        ("incoming_email:\n  enabled: true", "gw.yml: incoming_email.address: missing"),
+        ("incoming_email:\n  enabled: false", "no enabled mailbox"),
+        ("", "the file is empty"),
+        ("incoming_email: [1, 2]", "gw.yml: incoming_email: expected a mapping of keys, got a list"),
+        (
+            "incoming_email:\n  address: a+%{key}@b\n  delivery_method: webhook",
+            "gw.yml: gitlab.url: needed by",
+        ),
+        ("a: [b", "gw.yml: not valid YAML at line 1"),
+    ],
+)
+def test_errors_name_file_key_and_problem(text: str, expected: str) -> None:
+    assert expected in error_of(text)
+
+
+def test_a_secret_is_never_printed() -> None:
+    message = error_of("incoming_email:\n  address: a+%{key}@b\n  password: [hunter2-secret]")
+    assert "incoming_email.password" in message
+    assert "hunter2" not in message
+
+
+def test_missing_file_says_how_to_give_one(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "nope.yml")
+
+
+def test_environment_variable_and_embedded_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LMTP_GATEWAY_CONFIG", raising=False)
+    assert load_config().source == "<embedded default>"
+    path = tmp_path / "gw.yml"
+    path.write_text(GOOD)
+    monkeypatch.setenv("LMTP_GATEWAY_CONFIG", str(path))
+    assert load_config().gitlab_host == "gitlab.example.com"
+
+
+GITLAB_YML = """
+production: &base
+  gitlab:
+    host: gitlab.example.com
+    port: 443
+    https: true
+    relative_url_root: /gitlab
+    email_from: gitlab@example.com
+  incoming_email:
+    enabled: true
+    address: "incoming+%{key}@incoming.example.com"
+    user: "gitlab-incoming@gmail.com"
+    password: "[REDACTED]"
+    host: "imap.gmail.com"
+    port: 993
+    ssl: true
+    start_tls: false
+    mailbox: "inbox"
+    idle_timeout: 60
+    log_path: "log/mail_room_json.log"
+    expunge_deleted: false
+    some_future_key: 1
+  service_desk_email:
+    enabled: false
+    address: "contact+%{key}@example.com"
+  gitlab_shell:
+    path: /home/git/gitlab-shell/
+development:
+  <<: *base
+  gitlab:
+    host: localhost
+"""
+
+
+def test_gitlab_yml_production_is_read() -> None:
+    config = parse_config(GITLAB_YML, "gitlab.yml")
+    assert config.gitlab_host == "gitlab.example.com"
+    assert config.gitlab_url == "https://gitlab.example.com/gitlab"
+    assert list(config.mailboxes) == ["incoming_email"]  # service desk is disabled
+    incoming = config.mailboxes["incoming_email"]
+    assert incoming.delivery_method == "sidekiq"  # GitLab's own default
+    assert incoming.settings["host"] == "imap.gmail.com"
+    assert any("some_future_key" in warning for warning in config.warnings)
+
+
+def test_gitlab_yml_type_errors_still_reported() -> None:
+    broken = GITLAB_YML.replace("port: 993", "port: nine")
+    with pytest.raises(ConfigError, match=r"gitlab.yml: incoming_email.port: expected a whole number"):
+        parse_config(broken, "gitlab.yml")
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [(26214400, 26214400), ("25M", 26214400), ("25 MiB", 26214400), ("10k", 10240), ("1G", 2**30)],
+)
+def test_sizes(text: object, value: int) -> None:
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize(("text", "value"), [("7d", 604800), ("12h", 43200), (3600, 3600), ("2w", 1209600)])
+def test_durations(text: object, value: int) -> None:
+    assert parse_duration(text) == value

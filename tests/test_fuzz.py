@@ -1,0 +1,51 @@
+"""Property-based tests: no byte sequence can make the rules raise."""
+
+from __future__ import annotations
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lmtp_gateway.headers import parse_headers
+from lmtp_gateway.rules import RoutingTable, route
+
+TABLE = RoutingTable.build(
+    "gitlab.example.com",
+    {"incoming_email": "incoming+%{key}@in.example.com", "service_desk_email": "desk+%{key}@in.example.com"},
+)
+NAMES = ["To", "Cc", "References", "Received", "Delivered-To", "Auto-Submitted", "X-Autoreply", "Envelope-To"]
+
+header_lines = st.builds(
+    lambda name, value, eol: name.encode() + b":" + value + eol,
+    st.sampled_from(NAMES),
+    st.binary(max_size=200),
+    st.sampled_from([b"\r\n", b"\n", b"\r\n\t", b"\n "]),
+)
+messages = st.one_of(
+    st.binary(max_size=2000),
+    st.lists(header_lines, max_size=20).map(lambda lines: b"".join(lines) + b"\r\n\r\nbody"),
+)
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(messages, st.one_of(st.none(), st.text(max_size=60)), st.sampled_from([None, "incoming_email"]))
+def test_route_never_raises(raw: bytes, rcpt: str | None, mailbox: str | None) -> None:
+    verdict = route(TABLE, raw, rcpt=rcpt, mailbox=mailbox)
+    assert verdict.verdict in ("deliver", "drop", "reject")
+    if verdict.verdict == "deliver":
+        assert verdict.key and verdict.handler and verdict.mailbox and verdict.source
+
+
+@given(st.binary(max_size=3000))
+def test_headers_never_raise_and_have_clean_names(raw: bytes) -> None:
+    for name, value in parse_headers(raw).fields:
+        assert name and ":" not in name and "\n" not in name
+        assert "\n" not in value
+
+
+@given(
+    st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126, exclude_characters="<>"), min_size=1)
+)
+def test_key_round_trips_through_the_template(key: str) -> None:
+    template = TABLE.template("incoming_email")
+    assert template is not None
+    assert template.key_from(template.address_for(key)) == key
