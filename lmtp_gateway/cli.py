@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
 
 from lmtp_gateway.config import ENV_CONFIG, Config, ConfigError, load_config
+from lmtp_gateway.journal import Journal, State
+from lmtp_gateway.logs import setup_logging
 from lmtp_gateway.rules import MAILBOX_TYPES, Verdict, route
 
 CONFIG_HELP = f"Gateway YAML or GitLab's gitlab.yml (default: ${ENV_CONFIG}, else the embedded default)."
@@ -50,9 +57,7 @@ def main() -> None:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (verdict, mailbox, key, …).")
 @click.argument("message", type=click.File("rb"))
-def explain(
-    config_path: str | None, rcpt: str | None, mailbox: str | None, as_json: bool, message: Any
-) -> None:
+def explain(config_path: str | None, rcpt: str | None, mailbox: str | None, as_json: bool, message: Any) -> None:
     """Why GitLab will (or will not) take MESSAGE: the verdict and every header looked at.
 
     MESSAGE is a raw .eml file, or - for standard input. Exits 0 for any verdict.
@@ -91,6 +96,323 @@ def render_verdict(verdict: Verdict, config: Config) -> str:
         lines.append(f"  source:  {verdict.source}")
     lines.append(f"  reason:  {verdict.reason}")
     return "\n".join(lines)
+
+
+# --- serve ---
+
+
+@main.command()
+@config_option
+@click.option("--listen", multiple=True, metavar="ADDR", help="Override lmtp.listen: HOST:PORT or unix:PATH.")
+@click.option("--spool", metavar="DIR", type=click.Path(file_okay=False), help="Override spool.path.")
+@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--log-json/--log-text", default=None, help="Log format (default: JSON unless on a terminal).")
+def serve(
+    config_path: str | None, listen: tuple[str, ...], spool: str | None, log_level: str, log_json: bool | None
+) -> None:
+    """Receive mail from Postfix over LMTP and deliver it to GitLab.
+
+    Each message is routed with GitLab's rules at RCPT and DATA time, written and fsynced to the journal
+    before the 250, then delivered to the mailbox's sink (sidekiq, webhook or maildir) with retries.
+    SIGTERM stops accepting, finishes transactions in progress, flushes the dispatcher and exits 0.
+
+    \b
+    Example (embedded default: LMTP on 127.0.0.1:2424, Maildir under ~/.local/state/lmtp-gateway):
+      lmtp-gateway serve
+      lmtp-gateway serve --config /etc/lmtp-gateway/config.yml --listen unix:/run/lmtp-gateway/lmtp.sock
+    """
+    from dataclasses import replace
+
+    from lmtp_gateway.service import Gateway
+
+    setup_logging(log_level, log_json)
+    config = _load(config_path)
+    if listen:
+        config = replace(config, lmtp=replace(config.lmtp, listen=listen))
+    if spool:
+        config = replace(config, spool=replace(config.spool, path=Path(spool)))
+    try:
+        gateway = Gateway(config)
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from None
+
+    def ready(running: Gateway) -> None:
+        click.echo(
+            f"lmtp-gateway: listening on {', '.join(running.lmtp.addresses)}; journal {config.spool.path}",
+            err=True,
+        )
+
+    try:
+        asyncio.run(gateway.run(on_ready=ready))
+    except OSError as error:
+        raise click.ClickException(f"cannot start: {error}") from None
+
+
+# --- replay ---
+
+
+def _journal(config: Config) -> Journal:
+    journal = Journal(config.spool.path, fsync=config.spool.fsync)
+    if not journal.root.is_dir():
+        raise click.ClickException(f"{journal.root}: no journal here (spool.path in {config.source})")
+    return journal
+
+
+def _time_option(name: str, help_text: str) -> Callable[[Any], Any]:
+    def convert(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+        from lmtp_gateway.replay import parse_time
+
+        if value is None:
+            return None
+        try:
+            return parse_time(value)
+        except ValueError as error:
+            raise click.BadParameter(str(error)) from None
+
+    return click.option(name, metavar="TIME", callback=convert, help=help_text)
+
+
+def _selection_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--id", "ids", multiple=True, metavar="ID", help="Journal id (or a unique prefix); repeatable."),
+        click.option(
+            "--state", "states", multiple=True, type=click.Choice([s.value for s in State]), help="Repeatable."
+        ),
+        click.option("--mailbox", type=click.Choice(MAILBOX_TYPES)),
+        _time_option("--since", "Received at or after (ISO time, or 2h / 7d ago)."),
+        _time_option("--until", "Received at or before (ISO time, or 30m ago)."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _selection(ids: tuple[str, ...], states: tuple[str, ...], mailbox: str | None, since: Any, until: Any) -> Any:
+    from lmtp_gateway.replay import Selection
+
+    return Selection(tuple(ids), tuple(State(s) for s in states), mailbox, since, until)
+
+
+@main.command()
+@config_option
+@_selection_options
+@click.option("--rcpt", metavar="ADDR", help="Envelope recipient for FILES (as if Postfix had passed it).")
+@click.option("--from", "mail_from", metavar="ADDR", help="Envelope sender for FILES.")
+@click.option("--dry-run", is_flag=True, help="Only list what would happen.")
+@click.argument("files", nargs=-1, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def replay(
+    config_path: str | None,
+    ids: tuple[str, ...],
+    states: tuple[str, ...],
+    mailbox: str | None,
+    since: float | None,
+    until: float | None,
+    rcpt: str | None,
+    mail_from: str | None,
+    dry_run: bool,
+    files: tuple[Path, ...],
+) -> None:
+    """Deliver journal entries again, or feed .eml FILES through the rules and journal.
+
+    Entries are selected by --id, --state, --mailbox, --since and --until (all must match). Delivered entries
+    are pushed again on purpose (after GitLab lost its jobs); pending and failed ones go through the normal
+    dedupe. FILES are routed like mail arriving over LMTP (--rcpt gives the envelope recipient), committed to the
+    journal and delivered. Exits 1 if anything failed or is still deferred.
+
+    \b
+    Examples:
+      lmtp-gateway replay --state failed --dry-run
+      lmtp-gateway replay --since 2026-11-21T08:00 --until 2026-11-21T09:30 --mailbox incoming_email
+      lmtp-gateway replay --rcpt 'incoming+group-project-42-Xy9zAuthToken-issue@localhost' saved.eml
+    """
+    from lmtp_gateway import replay as replaying
+
+    setup_logging("warning")
+    config = _load(config_path)
+    selection = _selection(ids, states, mailbox, since, until)
+    selecting = bool(ids or states or mailbox or since is not None or until is not None)
+    if not selecting and not files:
+        raise click.UsageError("select entries (--id, --state, --mailbox, --since, --until) or give .eml FILES")
+    if files and (ids or states):
+        raise click.UsageError("FILES are fed in as new mail: do not combine them with --id or --state")
+    lines = asyncio.run(
+        _replay(config, selection if selecting and not files else None, files, rcpt, mail_from, dry_run)
+    )
+    for line in lines:
+        click.echo(f"{line.what}  {line.action}  {line.detail}".rstrip())
+    click.echo(replaying.summary(lines), err=True)
+    if any(line.action in ("failed", "deferred") for line in lines):
+        sys.exit(1)
+
+
+async def _replay(
+    config: Config, selection: Any, files: tuple[Path, ...], rcpt: str | None, mail_from: str | None, dry_run: bool
+) -> list[Any]:
+    from lmtp_gateway import replay as replaying
+    from lmtp_gateway.dispatch import Dispatcher
+    from lmtp_gateway.intake import Intake
+    from lmtp_gateway.sinks import build_sinks
+
+    try:
+        sinks = build_sinks(config)
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from None
+    journal = Journal(config.spool.path, fsync=config.spool.fsync)
+    try:
+        if selection is not None:
+            journal = _journal(config)
+            entries = replaying.select(journal, selection)
+            with _progress(len(entries), "replaying") as step:
+                return await replaying.replay_entries(journal, sinks, entries, dry_run=dry_run, progress=step)
+        journal.root.mkdir(parents=True, exist_ok=True)
+        for state_dir in ("tmp", *[s.value for s in State]):
+            (journal.root / state_dir).mkdir(exist_ok=True)
+        dispatcher = Dispatcher(journal, sinks)
+        intake = Intake(config.routing, journal, None if dry_run else dispatcher)
+        with _progress(len(files), "ingesting") as step:
+            lines = await replaying.ingest_files(
+                intake, config.routing, files, rcpt=rcpt, mail_from=mail_from, dry_run=dry_run, progress=step
+            )
+        if not dry_run:
+            await _deliver_now(dispatcher, lines)
+        return lines
+    finally:
+        await sinks.close()
+        journal.close()
+
+
+async def _deliver_now(dispatcher: Any, lines: list[Any]) -> None:
+    """Run the dispatcher until every newly queued entry had its first attempt; what fails stays pending."""
+    runner = asyncio.create_task(dispatcher.run())
+    try:
+        await asyncio.wait_for(dispatcher.flush(), 60)
+    except TimeoutError:
+        pass
+    finally:
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await runner
+    failed = {entry.id: entry.last_error for entry in dispatcher.waiting()}
+    for line in lines:
+        if line.action == "queued":
+            line.action = "deferred" if line.detail in failed else "delivered"
+            if line.detail in failed:
+                line.detail += f" (stays pending: {failed[line.detail]})"
+
+
+class _progress:
+    """A progress bar on standard error for long runs on a terminal; silent otherwise."""
+
+    def __init__(self, total: int, label: str) -> None:
+        self.bar = click.progressbar(length=total, label=label, file=sys.stderr) if total > 20 else None
+
+    def __enter__(self) -> Callable[[], None]:
+        if self.bar is None:
+            return lambda: None
+        bar = self.bar.__enter__()
+        return lambda: bar.update(1)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+
+
+# --- spool ---
+
+
+@main.group()
+def spool() -> None:
+    """Look into the journal (the spool): list, show and count entries."""
+
+
+@spool.command("list")
+@config_option
+@_selection_options
+@click.option("--limit", default=50, show_default=True, help="Newest N entries (0: all).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def spool_list(
+    config_path: str | None,
+    ids: tuple[str, ...],
+    states: tuple[str, ...],
+    mailbox: str | None,
+    since: float | None,
+    until: float | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """List journal entries, oldest first.
+
+    \b
+    Example:
+      lmtp-gateway spool list --state pending --state failed
+    """
+    from lmtp_gateway.replay import select
+
+    config = _load(config_path)
+    entries = select(_journal(config), _selection(ids, states, mailbox, since, until))
+    if limit:
+        entries = entries[-limit:]
+    for entry in entries:
+        if as_json:
+            click.echo(entry.to_json().decode().replace("\n", " "))
+            continue
+        received = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry.received_at))
+        problem = f"  {entry.last_error}" if entry.last_error else ""
+        click.echo(
+            f"{entry.id}  {entry.state.value:9}  {received}  {entry.mailbox or '-':18}  "
+            f"{entry.handler or '-':24}  {entry.rcpt or '-'}  tries={entry.attempts}{problem}"
+        )
+
+
+@spool.command("show")
+@config_option
+@click.option("--message", "with_message", is_flag=True, help="Also print the stored message.")
+@click.argument("entry_id")
+def spool_show(config_path: str | None, with_message: bool, entry_id: str) -> None:
+    """Show one entry's metadata (and, with --message, the message as GitLab gets it).
+
+    \b
+    Example:
+      lmtp-gateway spool show 3f2a9c
+    """
+    from lmtp_gateway.replay import Selection, select
+
+    journal = _journal(_load(config_path))
+    found = select(journal, Selection(ids=(entry_id,)))
+    if len(found) != 1:
+        raise click.ClickException(f"{entry_id}: {'no entry' if not found else f'{len(found)} entries'} with this id")
+    entry = found[0]
+    click.echo(entry.to_json().decode(), nl=False)
+    click.echo(f"message: {journal.eml_path(entry)}")
+    if with_message:
+        click.echo(journal.read_message(entry).decode("utf-8", "replace"))
+
+
+@spool.command("stats")
+@config_option
+@click.option("--json", "as_json", is_flag=True)
+def spool_stats(config_path: str | None, as_json: bool) -> None:
+    """Count entries per state, and how old the oldest pending one is.
+
+    \b
+    Example:
+      lmtp-gateway spool stats --json
+    """
+    journal = _journal(_load(config_path))
+    counts = {state.value: 0 for state in State}
+    oldest: float | None = None
+    for entry in journal.entries():
+        counts[entry.state.value] += 1
+        if entry.state is State.PENDING:
+            oldest = entry.received_at if oldest is None else min(oldest, entry.received_at)
+    age = round(time.time() - oldest, 1) if oldest is not None else None
+    if as_json:
+        click.echo(json.dumps({"journal": str(journal.root), **counts, "oldest_pending_seconds": age}))
+        return
+    click.echo(f"journal: {journal.root}")
+    for state, count in counts.items():
+        click.echo(f"  {state:10} {count}")
+    click.echo(f"  oldest pending: {f'{age} s' if age is not None else '-'}")
 
 
 if __name__ == "__main__":  # pragma: no cover

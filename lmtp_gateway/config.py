@@ -162,6 +162,7 @@ MAILBOX_SCHEMA: Schema = {
     "delivery_method": _choice(*DELIVERY_METHODS),
     "secret_file": _string,
     "encrypted_secret_file": _string,
+    "maildir_path": _string,  # delivery_method: maildir only; default <spool.path>/maildir/<mailbox>
     "log_path": _string,  # gitlab.yml carries it for mail_room; accepted and unused
 }
 
@@ -181,6 +182,7 @@ SCHEMA: Schema = {
         "sentinels": _sentinels,
         "sentinel_password": _string,
         "queue": _string,
+        "namespace": _string,
         "timestamp_style": _choice(*TIMESTAMP_STYLES),
     },
     "spool": {"path": _string, "retention": parse_duration, "fsync": _boolean},
@@ -208,9 +210,7 @@ def _check(data: Any, schema: Schema, where: str, source: str, strict: bool) -> 
         try:
             result[key] = spec(value)
         except ValueError as error:
-            message = (
-                "has the wrong type or format (value hidden: it is a secret)" if key in SECRET_KEYS else error
-            )
+            message = "has the wrong type or format (value hidden: it is a secret)" if key in SECRET_KEYS else error
             raise ConfigError(f"{source}: {path}: {message}") from None
     return result
 
@@ -244,6 +244,7 @@ class RedisConfig:
     sentinels: tuple[tuple[str, int], ...] = ()
     sentinel_password: str | None = field(default=None, repr=False)
     queue: str = "default"
+    namespace: str = ""  # "resque:gitlab" for GitLab releases that still namespaced Sidekiq
     timestamp_style: str = "sidekiq7"
 
 
@@ -364,9 +365,7 @@ def _build(data: dict[str, Any], source: str, default_delivery: str, warnings: t
         if section is None or section.get("enabled", True) is False:
             continue
         if "address" not in section:
-            raise ConfigError(
-                f'{source}: {name}.address: missing (e.g. "incoming+%{{key}}@incoming.example.com")'
-            )
+            raise ConfigError(f'{source}: {name}.address: missing (e.g. "incoming+%{{key}}@incoming.example.com")')
         try:
             template = AddressTemplate.parse(section["address"])
         except TemplateError as error:

@@ -26,8 +26,7 @@ KEY_PLACEHOLDER = "%{key}"
 
 # GitLab's own rejection texts (§5), verbatim.
 REASON_NO_KEY = (
-    "We couldn't figure out what the email is for. Please create your issue or comment through the web "
-    "interface."
+    "We couldn't figure out what the email is for. Please create your issue or comment through the web interface."
 )
 REASON_BLANK = (
     "It appears that the email is blank. Make sure your reply is at the top of the email, we can't process "
@@ -160,9 +159,7 @@ class RoutingTable:
     def build(cls, gitlab_host: str, addresses: dict[str, str]) -> RoutingTable:
         return cls(
             gitlab_host,
-            tuple(
-                (name, AddressTemplate.parse(addresses[name])) for name in MAILBOX_TYPES if name in addresses
-            ),
+            tuple((name, AddressTemplate.parse(addresses[name])) for name in MAILBOX_TYPES if name in addresses),
         )
 
     def restricted_to(self, mailbox: str | None) -> RoutingTable:
@@ -239,11 +236,11 @@ def match_recipient(table: RoutingTable, rcpt: str) -> RecipientMatch:
                 continue
             handler = classify_key(key, mailbox)
             if handler is None:
-                return RecipientMatch(mailbox, key, None, f"key {key!r} matches no GitLab handler")
+                return RecipientMatch(mailbox, key, None, f"key {key!r} fits no GitLab handler")
             return RecipientMatch(mailbox, key, handler)
         if template.match(rcpt):
             return RecipientMatch(mailbox)
-    return RecipientMatch(None, reason=f"<{rcpt}> matches no configured GitLab address")
+    return RecipientMatch(None, reason="no GitLab mailbox has this address")
 
 
 # §2: header candidates in GitLab's order. Each yields (source, candidate address string).
@@ -316,9 +313,7 @@ def _find_key(table: RoutingTable, headers: Headers, probes: list[Probe]) -> tup
             # A References key always belongs to incoming_email; without that mailbox it is not looked at.
             found = reply_id.fullmatch(candidate) if reply_id else None
             hit = (INCOMING_EMAIL, found.group(1)) if found else None
-            miss = (
-                f"not reply-KEY@{table.gitlab_host}" if reply_id else "ignored: incoming_email not in scope"
-            )
+            miss = f"not reply-KEY@{table.gitlab_host}" if reply_id else "ignored: incoming_email not in scope"
             candidate = f"<{candidate}>"
         else:
             hit = next(
@@ -362,13 +357,11 @@ def route(
         recipient = match_recipient(scope, rcpt)
         if recipient.mailbox is None:
             probes.append(Probe("envelope", rcpt, recipient.reason))
-            return Verdict("reject", recipient.reason, probes=tuple(probes))
+            return Verdict("reject", f"envelope recipient <{rcpt}>: {recipient.reason}", probes=tuple(probes))
         if recipient.key is not None:
             probes.append(Probe("envelope", rcpt, f"key {recipient.key!r} for {recipient.mailbox}"))
             return _decide(recipient.mailbox, recipient.key, "envelope", probes)
-        probes.append(
-            Probe("envelope", rcpt, f"dedicated address of {recipient.mailbox}: key must come from headers")
-        )
+        probes.append(Probe("envelope", rcpt, f"dedicated address of {recipient.mailbox}: key must come from headers"))
         scope = scope.restricted_to(recipient.mailbox)
 
     found = _find_key(scope, headers, probes)

@@ -291,7 +291,7 @@ def test_envelope_is_checked_first(table: RoutingTable) -> None:
 def test_envelope_matching_nothing_is_rejected(table: RoutingTable) -> None:
     verdict = route(table, message(f"To: incoming+{REPLY_KEY}@incoming.example.com"), rcpt="who@example.com")
     assert verdict.verdict == "reject"
-    assert "matches no configured GitLab address" in verdict.reason
+    assert verdict.reason == "envelope recipient <who@example.com>: no GitLab mailbox has this address"
 
 
 def test_dedicated_address_finds_key_in_references_only() -> None:

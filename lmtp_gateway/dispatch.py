@@ -1,0 +1,210 @@
+"""The dispatcher: moves pending journal entries to their sink, now and then again with backoff.
+
+An entry is marked delivered only on a confirmed success; a permanent refusal moves it to ``failed`` (a dead
+letter to replay); anything else, including an unexpected exception, is a temporary failure retried with capped
+exponential backoff, for as long as it takes. Nothing here deletes mail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from lmtp_gateway.journal import Entry, Journal, State
+from lmtp_gateway.sinks import Delivered, Outcome, Permanent, Sinks, Transient
+
+log = logging.getLogger(__name__)
+
+
+def backoff_delay(attempts: int, base: float, cap: float, jitter: float = 0.1) -> float:
+    """Seconds to wait after the `attempts`-th failure: base·2^(n-1), capped, with a little jitter."""
+    delay = min(cap, base * 2 ** max(attempts - 1, 0))
+    return delay * (1 + random.uniform(-jitter, jitter))
+
+
+@dataclass
+class DispatchStats:
+    delivered: int = 0
+    failed: int = 0
+    transient: int = 0
+    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=100_000))  # commit → sink confirmed
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        journal: Journal,
+        sinks: Sinks,
+        *,
+        workers: int = 16,
+        backoff_base: float = 1.0,
+        backoff_cap: float = 300.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.journal = journal
+        self.sinks = sinks
+        self.workers = workers
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self.clock = clock
+        self.stats = DispatchStats()
+        self._ready: asyncio.Queue[Entry] = asyncio.Queue()
+        self._retry: list[tuple[float, int, Entry]] = []
+        self._sequence = itertools.count()
+        self._retry_changed = asyncio.Event()
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._known: set[str] = set()
+
+    # --- feeding ---
+
+    def submit(self, entry: Entry) -> None:
+        """Deliver `entry` as soon as a worker is free (it is already committed in the journal)."""
+        if entry.id in self._known:
+            return  # a Postfix retry of a message still on its way
+        self._known.add(entry.id)
+        self._in_flight += 1
+        self._idle.clear()
+        entry.extra.setdefault("submitted_at", self.clock())
+        self._ready.put_nowait(entry)
+
+    def _schedule(self, entry: Entry, due: float) -> None:
+        heapq.heappush(self._retry, (due, next(self._sequence), entry))
+        self._retry_changed.set()
+
+    def retry_now(self) -> int:
+        """Move every waiting retry to the front (``--once`` and shutdown flushes use this)."""
+        count = len(self._retry)
+        while self._retry:
+            _, _, entry = heapq.heappop(self._retry)
+            self._ready.put_nowait(entry)
+        return count
+
+    @property
+    def backlog(self) -> int:
+        return self._in_flight
+
+    def waiting(self) -> list[Entry]:
+        return [entry for _, _, entry in self._retry]
+
+    async def flush(self) -> None:
+        """Until every entry handed in so far has had its attempt (retries waiting for later do not count)."""
+        await self._ready.join()
+
+    async def wait_idle(self) -> None:
+        """Until nothing is queued or being delivered (entries waiting for a retry count as queued)."""
+        await self._idle.wait()
+
+    # --- running ---
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as group:
+            for number in range(self.workers):
+                group.create_task(self._worker(), name=f"dispatch-{number}")
+            group.create_task(self._timer(), name="dispatch-retry-timer")
+
+    async def _timer(self) -> None:
+        while True:
+            self._retry_changed.clear()
+            now = self.clock()
+            while self._retry and self._retry[0][0] <= now:
+                _, _, entry = heapq.heappop(self._retry)
+                self._ready.put_nowait(entry)
+            timeout = self._retry[0][0] - now if self._retry else None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._retry_changed.wait(), timeout)
+
+    async def _worker(self) -> None:
+        while True:
+            entry = await self._ready.get()
+            try:
+                if not self.journal.exists(entry):  # finished meanwhile (another process, a stale rescan)
+                    self._done(entry)
+                    continue
+                outcome = await self._attempt(entry)
+                self._record(entry, outcome)
+            except OSError as error:  # the journal could not record it: keep the entry, try again later
+                log.error("journal: cannot record outcome of %s: %s", entry.id, error)
+                self._schedule(entry, self.clock() + self.backoff_cap)
+            finally:
+                self._ready.task_done()
+
+    async def _attempt(self, entry: Entry) -> Outcome:
+        if entry.mailbox is None:
+            return Permanent("entry has no mailbox")
+        try:
+            raw = await asyncio.to_thread(self.journal.read_message, entry)
+        except FileNotFoundError:
+            return Permanent("message file missing from the journal")
+        except OSError as error:
+            return Transient(f"journal read: {error.strerror}")
+        try:
+            sink = self.sinks[entry.mailbox]
+        except KeyError:
+            return Transient(f"mailbox {entry.mailbox} is not configured any more")
+        try:
+            return await sink.deliver(entry, raw)
+        except Exception as error:  # a sink bug must not lose mail: retry
+            log.exception("sink %s raised while delivering %s", sink.name, entry.id)
+            return Transient(f"{sink.name}: unexpected {type(error).__name__}")
+
+    def _record(self, entry: Entry, outcome: Outcome) -> None:
+        entry.attempts += 1
+        entry.sink = self.sinks[entry.mailbox].name if entry.mailbox in self.sinks.by_mailbox else None
+        match outcome:
+            case Delivered(detail):
+                entry.last_error = None
+                entry.next_attempt_at = None
+                self.journal.move(entry, State.DELIVERED)
+                self.stats.delivered += 1
+                self.stats.latencies.append(self.clock() - entry.extra.get("submitted_at", self.clock()))
+                log.info(
+                    "delivered",
+                    extra={
+                        "event": "delivered",
+                        "journal_id": entry.id,
+                        "mailbox": entry.mailbox,
+                        "sink": entry.sink,
+                        "detail": detail,
+                    },
+                )
+                self._done(entry)
+            case Permanent(reason):
+                entry.last_error = reason
+                entry.next_attempt_at = None
+                self.journal.move(entry, State.FAILED, durable=True)
+                self.stats.failed += 1
+                log.error(
+                    "failed permanently: %s",
+                    reason,
+                    extra={"event": "failed", "journal_id": entry.id, "mailbox": entry.mailbox, "sink": entry.sink},
+                )
+                self._done(entry)
+            case Transient(reason):
+                delay = backoff_delay(entry.attempts, self.backoff_base, self.backoff_cap)
+                entry.last_error = reason
+                entry.next_attempt_at = self.clock() + delay
+                self.journal.update(entry)
+                self.stats.transient += 1
+                log.warning(
+                    "temporary failure, retry in %.1fs: %s",
+                    delay,
+                    reason,
+                    extra={"event": "deferred", "journal_id": entry.id, "mailbox": entry.mailbox, "sink": entry.sink},
+                )
+                self._schedule(entry, entry.next_attempt_at)
+
+    def _done(self, entry: Entry) -> None:
+        self._known.discard(entry.id)
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            self._idle.set()

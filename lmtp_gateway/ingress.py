@@ -1,0 +1,429 @@
+"""LMTP ingress: where Postfix hands over mail and where every ``250`` is sent.
+
+Built on aiosmtpd's LMTP class, with what it lacks for real LMTP (RFC 2033) added here:
+
+* ``LHLO`` advertises PIPELINING, ENHANCEDSTATUSCODES, 8BITMIME, SMTPUTF8 and SIZE, and every later reply carries
+  an enhanced status code;
+* ``RCPT`` is answered from GitLab's rules (``550 5.1.1`` for an address no mailbox owns), so Postfix's
+  ``reject_unverified_recipient`` can refuse it at SMTP time;
+* after ``DATA`` there is exactly one reply per accepted recipient, in RCPT order, in every path: success,
+  message too large, line too long, journal failure, internal error;
+* DATA is read in bulk and streamed to the journal's tmp directory, never held whole in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import hashlib
+import logging
+import os
+import re
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from aiosmtpd.lmtp import LMTP
+from aiosmtpd.smtp import Envelope, Session
+
+from lmtp_gateway.intake import Acceptance, Intake, Received
+from lmtp_gateway.journal import JournalError, describe_os_error, envelope_headers
+from lmtp_gateway.rules import RoutingTable, match_recipient
+
+log = logging.getLogger(__name__)
+
+MAX_LINE = 1000  # RFC 5321 4.5.3.1.6: 998 octets + CRLF; Postfix's LMTP client folds longer lines itself
+READ_SIZE = 256 * 1024
+HEAD_LIMIT = 1 << 20  # the rules read headers only; keep at most this much of the message in memory
+
+
+class DataDecoder:
+    """Incremental SMTP DATA decoder: finds the lone-dot line, undoes dot-stuffing, checks line lengths.
+
+    Works on whole lines only: an incomplete line is carried to the next chunk, so a dot-stuffed line or the
+    end marker split across reads is still seen. Linear in the input.
+    """
+
+    def __init__(self, max_line: int = MAX_LINE) -> None:
+        self.max_line = max_line
+        self.done = False
+        self.line_too_long = False
+        self.leftover = b""  # bytes after the end marker (a client pipelining past DATA)
+        self._carry = b""
+        self._skipping = False  # inside an over-long line: drop bytes until its end
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Decoded message bytes from `chunk` that are complete; empty once the end marker was seen."""
+        data = self._carry + chunk
+        cut = data.rfind(b"\n") + 1
+        lines, self._carry = data[:cut], data[cut:]
+        if self._skipping and lines:
+            lines = lines[lines.find(b"\n") + 1 :]
+            self._skipping = False
+        if len(self._carry) > self.max_line + 1:  # a line longer than any terminator: stop buffering it
+            self.line_too_long = True
+            self._skipping = True
+            self._carry = b""
+        end = (b"\n" + lines).find(b"\n.\r\n")
+        if end >= 0:
+            self.done = True
+            self.leftover = lines[end + 3 :] + self._carry
+            lines = lines[:end]
+        if lines and not self.line_too_long and max(map(len, lines.split(b"\n"))) > self.max_line + 1:
+            self.line_too_long = True
+        if lines.startswith(b"."):
+            lines = lines[1:]
+        return lines.replace(b"\n.", b"\n")
+
+
+@dataclass
+class Transaction:
+    """What one LMTP transaction accepted so far, kept on aiosmtpd's envelope."""
+
+    accepted: list[str] = field(default_factory=list)
+
+
+class GatewayEnvelope(Envelope):
+    def __init__(self) -> None:
+        super().__init__()
+        self.transaction = Transaction()
+
+
+# Enhanced codes for aiosmtpd's own replies, which have none (RFC 3463).
+_ENHANCED_FOR = {
+    "221": "2.0.0",
+    "250": "2.0.0",
+    "252": "2.0.0",
+    "421": "4.3.0",
+    "451": "4.3.0",
+    "500": "5.5.2",
+    "501": "5.5.4",
+    "502": "5.5.1",
+    "503": "5.5.1",
+    "504": "5.5.4",
+    "530": "5.7.0",
+    "550": "5.1.1",
+    "552": "5.3.4",
+    "553": "5.1.3",
+    "554": "5.0.0",
+    "555": "5.5.4",
+}
+_HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}\b")
+
+
+def with_enhanced_code(reply: str) -> str:
+    if _HAS_ENHANCED.match(reply) or len(reply) < 3 or reply[:3] not in _ENHANCED_FOR:
+        return reply
+    separator = reply[3:4] or " "
+    text = reply[4:].removeprefix("Error: ")
+    return f"{reply[:3]}{separator}{_ENHANCED_FOR[reply[:3]]} {text}".rstrip()
+
+
+def data_reply(acceptance: Acceptance, rcpt: str) -> str:
+    """The per-recipient reply after DATA (the table in ../shared/DESIGN.md)."""
+    verdict, entry = acceptance.verdict, acceptance.entry
+    if verdict.verdict == "reject":
+        return f"550 5.1.1 <{rcpt}> {verdict.reason}"
+    assert entry is not None
+    if acceptance.duplicate:
+        return f"250 2.0.0 <{rcpt}> {entry.id} already queued"
+    if verdict.verdict == "drop":
+        return f"250 2.0.0 <{rcpt}> {entry.id} discarded: auto-generated"
+    return f"250 2.0.0 <{rcpt}> {entry.id} queued"
+
+
+class LmtpSession(LMTP):
+    """One LMTP connection. aiosmtpd drives the command loop; this class fixes what LMTP needs."""
+
+    # The stream reader's buffer limit: large, so DATA is read in big chunks (command lines are still limited
+    # to 512 bytes by aiosmtpd's own check).
+    line_length_limit = READ_SIZE
+
+    def __init__(self, server: LmtpServer, **kwargs: Any) -> None:
+        super().__init__(server, **kwargs)
+        self.server = server
+        self.busy = False
+
+    def _create_envelope(self) -> GatewayEnvelope:
+        return GatewayEnvelope()
+
+    def _gateway_envelope(self) -> GatewayEnvelope:
+        assert isinstance(self.envelope, GatewayEnvelope)
+        return self.envelope
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.server.sessions.add(self)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self.server.sessions.discard(self)
+        super().connection_lost(error)
+
+    async def push(self, status: str | bytes) -> None:
+        if isinstance(status, str) and not status.startswith("220 "):
+            status = with_enhanced_code(status)
+        await super().push(status)
+
+    async def _push_raw(self, lines: Iterable[str]) -> None:
+        """Several reply lines in one write (LHLO, per-recipient replies): one packet, one drain."""
+        assert self._writer is not None
+        self._writer.write("".join(f"{line}\r\n" for line in lines).encode("utf-8", "surrogateescape"))
+        await self._writer.drain()
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.exception("lmtp: internal error in session with %s", self.session.peer if self.session else "?")
+        return "451 4.3.0 Internal error, try again later"
+
+    async def smtp_LHLO(self, hostname: str) -> None:
+        if not hostname:
+            await self.push("501 5.5.4 Syntax: LHLO hostname")
+            return
+        self._set_rset_state()
+        assert self.session is not None
+        self.session.host_name = hostname
+        self.session.extended_smtp = True
+        self.command_size_limits["MAIL"] = 512 + 26 + 10
+        await self._push_raw(
+            [
+                f"250-{self.hostname}",
+                "250-PIPELINING",
+                "250-ENHANCEDSTATUSCODES",
+                f"250-SIZE {self.data_size_limit}",
+                "250-8BITMIME",
+                "250 SMTPUTF8",
+            ]
+        )
+
+    async def smtp_DATA(self, arg: str | None) -> None:
+        if await self.check_helo_needed("LHLO"):
+            return
+        envelope = self._gateway_envelope()
+        rcpts = list(envelope.transaction.accepted)
+        if envelope.mail_from is None:
+            await self.push("503 5.5.1 Error: need MAIL command")
+            return
+        if not rcpts:
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        self.busy = True
+        try:
+            mail_from = "" if envelope.mail_from == "<>" else envelope.mail_from  # the null sender
+            replies = await self._receive_and_commit(mail_from, rcpts)
+            assert len(replies) == len(rcpts)
+            await self._push_raw(replies)
+        finally:
+            self.busy = False
+            self._set_post_data_state()
+            self.server.session_idle.set()
+
+    async def _receive_and_commit(self, mail_from: str, rcpts: list[str]) -> list[str]:
+        """Read DATA and answer for each recipient. Only a lost connection escapes (nothing half-written counts:
+        the tmp file is discarded and no reply is due)."""
+        limit = self.data_size_limit
+        try:
+            path, handle = self.server.intake.journal.new_tmp()
+        except JournalError as error:
+            await self.push("354 5.0.0 End data with <CR><LF>.<CR><LF>")
+            await self._discard_data()
+            return [f"452 4.3.1 <{rcpt}> {error}; try again later" for rcpt in rcpts]
+        committed = False
+        try:
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            received, problem = await self._read_data(path, handle, mail_from, rcpts[0], limit)
+            if problem == "size":
+                return [f"552 5.3.4 <{rcpt}> message exceeds the size limit of {limit} bytes" for rcpt in rcpts]
+            if problem == "line":
+                return [f"500 5.5.2 <{rcpt}> line longer than {MAX_LINE} bytes (RFC 5321)" for rcpt in rcpts]
+            if problem:
+                return [f"452 4.3.1 <{rcpt}> {problem}; try again later" for rcpt in rcpts]
+            assert received is not None
+            committed = True  # from here the intake owns (and always removes) the tmp file
+            try:
+                # Shielded: once the whole message is here, a client hanging up must not cut a commit in half.
+                acceptances = await asyncio.shield(
+                    self.server.intake.accept(received, mail_from, list(rcpts), ingress="lmtp")
+                )
+            except JournalError as error:
+                return [f"452 4.3.1 <{rcpt}> {error}; try again later" for rcpt in rcpts]
+            except Exception:
+                log.exception("lmtp: internal error while committing")
+                return [f"451 4.3.0 <{rcpt}> internal error, try again later" for rcpt in rcpts]
+            return [data_reply(a, rcpt) for a, rcpt in zip(acceptances, rcpts, strict=True)]
+        finally:
+            handle.close()
+            if not committed:
+                self.server.intake.journal.discard(path)
+
+    async def _read_data(
+        self, path: Path, handle: BinaryIO, mail_from: str, first_rcpt: str, limit: int | None
+    ) -> tuple[Received | None, str | None]:
+        """Stream DATA into `handle`. Returns (received, None) or (None, problem) once the end marker was read;
+        a problem never stops the reading, so the client always gets its replies at the right place."""
+        decoder = DataDecoder()
+        digest = hashlib.sha256()
+        head = bytearray()
+        size = 0
+        problem: str | None = None
+        prefix = envelope_headers(mail_from, first_rcpt)
+        try:
+            handle.write(prefix)
+        except OSError as error:
+            problem = describe_os_error(error)
+        while not decoder.done:
+            chunk = await self._reader.read(READ_SIZE)
+            if not chunk:
+                raise ConnectionResetError("client closed the connection during DATA")
+            self._reset_timeout()  # the timeout is for an idle client, not for a long message
+            data = decoder.feed(chunk)
+            size += len(data)
+            if decoder.line_too_long and problem is None:
+                problem = "line"
+            if limit and size > limit and problem is None:
+                problem = "size"
+            if problem is None and data:
+                digest.update(data)
+                if len(head) < HEAD_LIMIT:
+                    head += data[: HEAD_LIMIT - len(head)]
+                try:
+                    handle.write(data)
+                except OSError as error:
+                    problem = describe_os_error(error)
+        if decoder.leftover:  # commands pipelined past the end of DATA: give them back to the command loop
+            self._reader._buffer[:0] = decoder.leftover  # type: ignore[attr-defined]
+        if problem is None:
+            try:
+                handle.flush()
+            except OSError as error:
+                problem = describe_os_error(error)
+        if problem:
+            return None, problem
+        return Received(path, len(prefix), digest.digest(), bytes(head), size), None
+
+    async def _discard_data(self) -> None:
+        decoder = DataDecoder()
+        while not decoder.done:
+            chunk = await self._reader.read(READ_SIZE)
+            if not chunk:
+                raise ConnectionResetError("client closed the connection during DATA")
+            decoder.feed(chunk)
+        if decoder.leftover:
+            self._reader._buffer[:0] = decoder.leftover  # type: ignore[attr-defined]
+
+
+class LmtpServer:
+    """The hooks aiosmtpd calls (as its 'handler'), the listeners, and the sessions to drain on shutdown."""
+
+    def __init__(
+        self,
+        table: RoutingTable,
+        intake: Intake,
+        *,
+        max_message_size: int,
+        hostname: str | None = None,
+        timeout: float = 300.0,
+    ) -> None:
+        self.table = table
+        self.intake = intake
+        self.max_message_size = max_message_size
+        self.hostname = hostname or socket.getfqdn()
+        self.timeout = timeout
+        self.sessions: set[LmtpSession] = set()
+        self.session_idle = asyncio.Event()
+        self.servers: list[asyncio.Server] = []
+        self.addresses: list[str] = []
+
+    # aiosmtpd hooks
+
+    async def handle_MAIL(self, server: LmtpSession, session: Session, envelope: Envelope, address: str, options):
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 2.1.0 Sender ok"
+
+    async def handle_RCPT(self, server: LmtpSession, session: Session, envelope: Envelope, address: str, options):
+        found = match_recipient(self.table, address)
+        if not found.accepted:
+            log.info(
+                "rejected at RCPT: %s",
+                found.reason,
+                extra={"event": "rejected", "rcpt": address, "reason": found.reason, "mail_from": envelope.mail_from},
+            )
+            return f"550 5.1.1 <{address}> {found.reason}"
+        assert isinstance(envelope, GatewayEnvelope)
+        envelope.rcpt_tos.append(address)
+        envelope.transaction.accepted.append(address)
+        return "250 2.1.5 Recipient ok"
+
+    async def handle_RSET(self, server: LmtpSession, session: Session, envelope: Envelope):
+        return "250 2.0.0 Ok"
+
+    async def handle_NOOP(self, server: LmtpSession, session: Session, envelope: Envelope, arg: str):
+        return "250 2.0.0 Ok"
+
+    async def handle_QUIT(self, server: LmtpSession, session: Session, envelope: Envelope):
+        return "221 2.0.0 Bye"
+
+    # listeners
+
+    def _factory(self) -> LmtpSession:
+        return LmtpSession(
+            self,
+            hostname=self.hostname,
+            ident="lmtp-gateway",
+            data_size_limit=self.max_message_size,
+            enable_SMTPUTF8=True,
+            timeout=self.timeout,
+        )
+
+    async def listen(self, spec: str, *, socket_mode: int = 0o660, socket_group: str | None = None) -> str:
+        """Start one listener: ``HOST:PORT`` (port 0 picks a free one) or ``unix:PATH``. Returns its address."""
+        loop = asyncio.get_running_loop()
+        if spec.startswith("unix:"):
+            path = Path(spec.removeprefix("unix:"))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                if path.is_socket():
+                    path.unlink()
+            server = await loop.create_unix_server(self._factory, str(path))
+            os.chmod(path, socket_mode)
+            if socket_group:
+                os.chown(path, -1, grp.getgrnam(socket_group).gr_gid)
+            address = f"unix:{path}"
+        else:
+            host, _, port = spec.rpartition(":")
+            host = host.strip("[]") or "127.0.0.1"
+            server = await loop.create_server(self._factory, host, int(port), reuse_address=True)
+            bound = server.sockets[0].getsockname()
+            address = f"{host}:{bound[1]}"
+        self.servers.append(server)
+        self.addresses.append(address)
+        log.info("listening on %s", address, extra={"event": "listening", "address": address})
+        return address
+
+    async def shutdown(self, grace: float = 30.0) -> None:
+        """Stop accepting, let transactions in DATA finish (up to `grace` seconds), close idle sessions."""
+        for server in self.servers:
+            server.close()
+        deadline = asyncio.get_running_loop().time() + grace
+        while any(s.busy for s in self.sessions):
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                break
+            self.session_idle.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.session_idle.wait(), remaining)
+        for session in list(self.sessions):
+            if session.transport is not None:
+                session.transport.close()
+        for server in self.servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 5)
+        for address in self.addresses:
+            if address.startswith("unix:"):
+                with contextlib.suppress(OSError):
+                    os.unlink(address.removeprefix("unix:"))

@@ -1,0 +1,365 @@
+"""The journal: the one place durability lives.
+
+A directory an admin can read with ordinary tools::
+
+    spool/
+      tmp/                 being written; emptied at start-up (nothing there was ever acknowledged)
+      pending/ID.eml       the message as GitLab will get it (Return-Path and Delivered-To prepended)
+      pending/ID.json      its metadata: envelope, verdict, attempts, last error
+      delivered/  dropped/  failed/
+
+An entry is committed when its ``.json`` is renamed into a state directory and that directory is fsynced;
+only then may anyone answer ``250``. The ``.json`` is the truth about an entry's state: a state change renames
+the ``.json`` first and the ``.eml`` follows, and recovery moves any ``.eml`` left behind to its ``.json``.
+
+The entry id is the first 24 hex digits of the fingerprint sha256(raw message, mailbox, recipient), so the
+same message for the same recipient always has the same id (and Sidekiq ``jid``): a Postfix retry of a
+message already committed finds its entry instead of making a second one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hashlib
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, BinaryIO
+
+log = logging.getLogger(__name__)
+
+ID_LENGTH = 24
+
+
+class State(StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    DROPPED = "dropped"
+    FAILED = "failed"
+
+
+FINISHED = (State.DELIVERED, State.DROPPED, State.FAILED)
+
+
+class JournalError(Exception):
+    """The journal cannot take the message now (disk full, I/O error): a temporary failure."""
+
+
+def fingerprint(raw_digest: bytes, mailbox: str, rcpt: str) -> str:
+    """Stable identity of one delivery: the raw bytes (as a digest), the mailbox and the recipient."""
+    return hashlib.sha256(raw_digest + b"\0" + mailbox.encode() + b"\0" + rcpt.encode("utf-8", "replace")).hexdigest()
+
+
+def envelope_headers(mail_from: str | None, rcpt: str | None) -> bytes:
+    """What the gateway prepends: GitLab routes on headers only, so the envelope must become headers."""
+    lines = []
+    if mail_from is not None:
+        lines.append(f"Return-Path: <{mail_from}>\r\n")
+    if rcpt is not None:
+        lines.append(f"Delivered-To: {rcpt}\r\n")
+    return "".join(lines).encode("utf-8", "surrogateescape")
+
+
+@dataclass
+class Entry:
+    """The metadata kept beside each ``.eml``."""
+
+    id: str
+    fingerprint: str
+    state: State
+    received_at: float
+    ingress: str  # lmtp, replay, imap:<mailbox>, graph:<mailbox>
+    mail_from: str | None
+    rcpt: str | None
+    mailbox: str | None
+    key: str | None
+    handler: str | None
+    source: str | None
+    reason: str
+    size: int
+    attempts: int = 0
+    last_error: str | None = None
+    next_attempt_at: float | None = None
+    finished_at: float | None = None
+    sink: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), indent=1, sort_keys=True).encode() + b"\n"
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Entry:
+        raw = json.loads(data)
+        known = {f.name for f in fields(cls)}
+        entry = cls(**{k: v for k, v in raw.items() if k in known})
+        entry.state = State(entry.state)
+        return entry
+
+
+@dataclass
+class Draft:
+    """One copy of an incoming message about to be committed."""
+
+    entry: Entry
+    tmp_path: Path
+
+
+def _fsync_path(path: Path, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _GroupSync:
+    """fsyncs from many sessions batched in one thread: the disk sees one flush per batch, not per message.
+
+    Callers hand in the files and directories that must be durable; one worker thread fsyncs everything asked
+    for since its last round and wakes every caller whose paths were in that round.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Condition()
+        self._queue: list[tuple[list[Path], list[Path], asyncio.Future[None], asyncio.AbstractEventLoop]] = []
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="journal-fsync", daemon=True)
+            self._thread.start()
+
+    async def sync(self, files: list[Path], directories: list[Path]) -> None:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        with self._lock:
+            self._ensure_thread()
+            self._queue.append((files, directories, future, loop))
+            self._lock.notify()
+        await future
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue and not self._closed:
+                    self._lock.wait()
+                if self._closed and not self._queue:
+                    return
+                batch, self._queue = self._queue, []
+            error: BaseException | None = None
+            try:
+                for path in {p for files, _, _, _ in batch for p in files}:
+                    _fsync_path(path)
+                for path in {p for _, dirs, _, _ in batch for p in dirs}:
+                    _fsync_path(path, directory=True)
+            except OSError as caught:
+                error = caught
+            for _, _, future, loop in batch:
+                loop.call_soon_threadsafe(_settle, future, error)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._lock.notify()
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+
+
+class Journal:
+    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+        self.root = root
+        self.fsync = fsync
+        self.tmp = root / "tmp"
+        self._sync = _GroupSync()
+
+    # --- layout ---
+
+    def state_dir(self, state: State) -> Path:
+        return self.root / state.value
+
+    def eml_path(self, entry: Entry) -> Path:
+        return self.state_dir(entry.state) / f"{entry.id}.eml"
+
+    def _json_path(self, entry: Entry) -> Path:
+        return self.state_dir(entry.state) / f"{entry.id}.json"
+
+    def open(self) -> list[Entry]:
+        """Create the layout, clear uncommitted files, repair interrupted state changes; return pending."""
+        for directory in (self.tmp, *(self.state_dir(s) for s in State)):
+            directory.mkdir(parents=True, exist_ok=True, mode=0o750)
+        for leftover in self.tmp.iterdir():
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+        self._repair()
+        return sorted(self.entries(State.PENDING), key=lambda e: e.received_at)
+
+    def _repair(self) -> None:
+        where: dict[str, State] = {}
+        for state in State:
+            for path in self.state_dir(state).glob("*.json"):
+                where[path.stem] = state
+        for state in State:
+            for eml in self.state_dir(state).glob("*.eml"):
+                owner = where.get(eml.stem)
+                if owner is None:
+                    log.warning("journal: removing %s: never committed (no metadata)", eml)
+                    eml.unlink()
+                elif owner is not state:
+                    os.replace(eml, self.state_dir(owner) / eml.name)
+        for entry_id, state in where.items():
+            if not (self.state_dir(state) / f"{entry_id}.eml").exists():
+                log.error("journal: entry %s in %s has lost its message file", entry_id, state)
+
+    # --- writing ---
+
+    def new_tmp(self) -> tuple[Path, BinaryIO]:
+        """A fresh file in tmp/ to stream a message into."""
+        path = self.tmp / f"{uuid.uuid4().hex}.data"
+        try:
+            return path, open(path, "xb")
+        except OSError as error:
+            raise JournalError(describe_os_error(error)) from error
+
+    def find(self, entry_id: str) -> Entry | None:
+        """The entry with this id in any state (dedupe look-up: four stat calls)."""
+        for state in State:
+            path = self.state_dir(state) / f"{entry_id}.json"
+            try:
+                return Entry.from_json(path.read_bytes())
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError, TypeError) as error:
+                log.error("journal: unreadable metadata %s: %s", path, error)
+                continue
+        return None
+
+    def draft_copy(self, source: Path, skip: int, prefix: bytes, entry: Entry) -> Draft:
+        """A tmp copy of `source` (minus its first `skip` bytes) with `prefix` in front, for one more recipient."""
+        path = self.tmp / f"{entry.id}.{uuid.uuid4().hex[:8]}.eml"
+        try:
+            with open(source, "rb") as src, open(path, "xb") as dst:
+                dst.write(prefix)
+                src.seek(skip)
+                shutil.copyfileobj(src, dst, 1 << 20)
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise JournalError(describe_os_error(error)) from error
+        return Draft(entry, path)
+
+    async def commit(self, drafts: list[Draft]) -> None:
+        """Make every draft durable and visible in its state directory, or raise JournalError."""
+        if not drafts:
+            return
+        metas: list[Path] = []
+        try:
+            for draft in drafts:
+                meta = self.tmp / f"{draft.entry.id}.{uuid.uuid4().hex[:8]}.json"
+                meta.write_bytes(draft.entry.to_json())
+                metas.append(meta)
+            if self.fsync:
+                await self._sync.sync([d.tmp_path for d in drafts] + metas, [])
+            directories = set()
+            for draft, meta in zip(drafts, metas, strict=True):
+                os.replace(draft.tmp_path, self.eml_path(draft.entry))
+                os.replace(meta, self._json_path(draft.entry))
+                directories.add(self.state_dir(draft.entry.state))
+            if self.fsync:
+                await self._sync.sync([], sorted(directories))
+        except OSError as error:
+            for path in [d.tmp_path for d in drafts] + metas:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            raise JournalError(describe_os_error(error)) from error
+
+    def discard(self, path: Path) -> None:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+    def update(self, entry: Entry) -> None:
+        """Rewrite an entry's metadata in place (attempts, last error); not fsynced: losing it loses nothing."""
+        path = self._json_path(entry)
+        tmp = self.tmp / f"{entry.id}.{uuid.uuid4().hex[:8]}.json"
+        tmp.write_bytes(entry.to_json())
+        os.replace(tmp, path)
+
+    def move(self, entry: Entry, state: State, *, durable: bool = False) -> None:
+        """Change an entry's state: the .json first (the truth), then the .eml follows."""
+        old_json, old_eml = self._json_path(entry), self.eml_path(entry)
+        entry.state = state
+        entry.finished_at = time.time() if state in FINISHED else None
+        tmp = self.tmp / f"{entry.id}.{uuid.uuid4().hex[:8]}.json"
+        tmp.write_bytes(entry.to_json())
+        if durable and self.fsync:
+            _fsync_path(tmp)
+        os.replace(tmp, self._json_path(entry))
+        if old_json != self._json_path(entry):
+            with contextlib.suppress(FileNotFoundError):
+                old_json.unlink()
+            os.replace(old_eml, self.eml_path(entry))
+        if durable and self.fsync:
+            _fsync_path(self.state_dir(state), directory=True)
+
+    # --- reading ---
+
+    def entries(self, *states: State) -> Iterator[Entry]:
+        for state in states or tuple(State):
+            for path in self.state_dir(state).glob("*.json"):
+                try:
+                    yield Entry.from_json(path.read_bytes())
+                except FileNotFoundError:
+                    continue  # moved while we looked
+                except (OSError, ValueError, TypeError) as error:
+                    log.error("journal: unreadable metadata %s: %s", path, error)
+
+    def exists(self, entry: Entry) -> bool:
+        """Is `entry` still where its state says (not finished meanwhile by another worker or process)?"""
+        return self._json_path(entry).exists()
+
+    def read_message(self, entry: Entry) -> bytes:
+        return self.eml_path(entry).read_bytes()
+
+    # --- retention ---
+
+    def expire(self, retention: float, now: float | None = None) -> int:
+        """Remove finished entries older than `retention` seconds; pending entries are never removed."""
+        cutoff = (now if now is not None else time.time()) - retention
+        removed = 0
+        for entry in self.entries(*FINISHED):
+            if (entry.finished_at or entry.received_at) < cutoff:
+                for path in (self._json_path(entry), self.eml_path(entry)):
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
+                removed += 1
+        return removed
+
+    def close(self) -> None:
+        self._sync.close()
+
+
+def describe_os_error(error: OSError) -> str:
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "journal disk full"
+    if error.errno == errno.EROFS:
+        return "journal file system is read-only"
+    if error.errno in (errno.EACCES, errno.EPERM):
+        return "journal directory not writable"
+    return f"journal I/O error ({errno.errorcode.get(error.errno or 0, 'unknown')})"

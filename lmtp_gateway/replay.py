@@ -1,0 +1,149 @@
+"""Replay: deliver journal entries again, or feed .eml files through the same rules and journal.
+
+For the day GitLab lost jobs (Redis flushed, a restore from backup) or an admin fixed the cause of a dead letter.
+Entries already delivered are pushed again on purpose (the Redis dedupe key is overwritten); pending and failed
+entries go through the normal dedupe, so a replay racing the running daemon cannot double them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from lmtp_gateway.config import parse_duration
+from lmtp_gateway.intake import Intake
+from lmtp_gateway.journal import Entry, Journal, JournalError, State
+from lmtp_gateway.rules import RoutingTable, route
+from lmtp_gateway.sinks import Delivered, Permanent, Sinks, Transient
+
+
+def parse_time(text: str, now: float | None = None) -> float:
+    """An absolute ISO 8601 time, or a duration ago (``2h``, ``7d``)."""
+    if re.fullmatch(r"\s*\d+\s*[smhdw]?\s*", text):
+        return (now if now is not None else time.time()) - parse_duration(text)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is neither an ISO time (2026-11-22T10:00) nor a duration ago (2h, 7d)") from None
+    if moment.tzinfo is None:
+        moment = moment.astimezone()
+    return moment.timestamp()
+
+
+@dataclass(frozen=True)
+class Selection:
+    ids: tuple[str, ...] = ()
+    states: tuple[State, ...] = ()
+    mailbox: str | None = None
+    since: float | None = None
+    until: float | None = None
+
+    def matches(self, entry: Entry) -> bool:
+        return (
+            (not self.ids or any(entry.id.startswith(prefix) for prefix in self.ids))
+            and (not self.states or entry.state in self.states)
+            and (self.mailbox is None or entry.mailbox == self.mailbox)
+            and (self.since is None or entry.received_at >= self.since)
+            and (self.until is None or entry.received_at <= self.until)
+        )
+
+
+def select(journal: Journal, selection: Selection) -> list[Entry]:
+    found = [entry for entry in journal.entries(*selection.states) if selection.matches(entry)]
+    return sorted(found, key=lambda entry: entry.received_at)
+
+
+@dataclass
+class ReplayLine:
+    what: str  # journal id or file name
+    action: str  # delivered, failed, deferred, skipped, queued, rejected, dropped, would …
+    detail: str = ""
+
+
+async def replay_entries(
+    journal: Journal, sinks: Sinks, entries: Iterable[Entry], *, dry_run: bool, progress: Callable[[], None]
+) -> list[ReplayLine]:
+    lines = []
+    for entry in entries:
+        lines.append(await _replay_entry(journal, sinks, entry, dry_run))
+        progress()
+    return lines
+
+
+async def _replay_entry(journal: Journal, sinks: Sinks, entry: Entry, dry_run: bool) -> ReplayLine:
+    if entry.state is State.DROPPED or entry.mailbox is None:
+        return ReplayLine(entry.id, "skipped", "auto-generated: GitLab would drop it")
+    if entry.mailbox not in sinks.by_mailbox:
+        return ReplayLine(entry.id, "skipped", f"mailbox {entry.mailbox} is not configured")
+    sink = sinks[entry.mailbox]
+    force = entry.state is State.DELIVERED
+    if dry_run:
+        again = " again" if force else ""
+        return ReplayLine(entry.id, "would deliver", f"{entry.mailbox} via {sink.name}{again} (now {entry.state})")
+    raw = await asyncio.to_thread(journal.read_message, entry)
+    outcome = await sink.deliver(entry, raw, force=force)
+    entry.attempts += 1
+    entry.sink = sink.name
+    entry.extra["replayed_at"] = time.time()
+    match outcome:
+        case Delivered(detail):
+            entry.last_error = None
+            journal.move(entry, State.DELIVERED)
+            return ReplayLine(entry.id, "delivered", detail)
+        case Permanent(reason):
+            entry.last_error = reason
+            journal.move(entry, State.FAILED, durable=True)
+            return ReplayLine(entry.id, "failed", reason)
+        case Transient(reason):
+            entry.last_error = reason
+            journal.update(entry)
+            return ReplayLine(entry.id, "deferred", reason)
+    raise AssertionError(outcome)
+
+
+async def ingest_files(
+    intake: Intake,
+    table: RoutingTable,
+    paths: Iterable[Path],
+    *,
+    rcpt: str | None,
+    mail_from: str | None,
+    dry_run: bool,
+    progress: Callable[[], None],
+) -> list[ReplayLine]:
+    lines = []
+    for path in paths:
+        raw = path.read_bytes()
+        if dry_run:
+            verdict = route(table, raw, rcpt=rcpt)
+            detail = f"{verdict.mailbox} {verdict.handler} key={verdict.key}" if verdict.key else verdict.reason
+            lines.append(ReplayLine(str(path), f"would {verdict.verdict}", detail))
+        else:
+            lines.append(await _ingest_one(intake, path, raw, rcpt, mail_from))
+        progress()
+    return lines
+
+
+async def _ingest_one(intake: Intake, path: Path, raw: bytes, rcpt: str | None, mail_from: str | None) -> ReplayLine:
+    try:
+        received = intake.store(raw, mail_from, rcpt)
+        (acceptance,) = await intake.accept(received, mail_from, [rcpt], ingress="replay")
+    except JournalError as error:
+        return ReplayLine(str(path), "deferred", str(error))
+    if acceptance.entry is None:
+        return ReplayLine(str(path), "rejected", acceptance.verdict.reason)
+    if acceptance.duplicate:
+        return ReplayLine(str(path), "duplicate", f"already in the journal as {acceptance.entry.id}")
+    action = "queued" if acceptance.entry.state is State.PENDING else "dropped"
+    return ReplayLine(str(path), action, acceptance.entry.id)
+
+
+def summary(lines: list[ReplayLine]) -> str:
+    counts = Counter(line.action for line in lines)
+    return f"{len(lines)} processed: " + ", ".join(f"{count} {action}" for action, count in sorted(counts.items()))

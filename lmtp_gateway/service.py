@@ -1,0 +1,106 @@
+"""The running daemon: wires journal, sinks, dispatcher, intake and the LMTP listeners under one TaskGroup."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable
+
+from lmtp_gateway.config import Config
+from lmtp_gateway.dispatch import Dispatcher
+from lmtp_gateway.ingress import LmtpServer
+from lmtp_gateway.intake import Intake
+from lmtp_gateway.journal import Journal, State
+from lmtp_gateway.sinks import Sinks, build_sinks
+
+log = logging.getLogger(__name__)
+
+RETENTION_SWEEP_SECONDS = 3600.0
+RESCAN_SECONDS = 60.0  # pick up entries another process (replay, a collector) left pending
+FLUSH_SECONDS = 10.0
+
+
+class _Stopped(Exception):
+    """Raised inside the TaskGroup to end it once shutdown is complete."""
+
+
+class Gateway:
+    """Everything `serve` runs. Built from a Config; `run()` returns after a graceful stop."""
+
+    def __init__(self, config: Config, *, sinks: Sinks | None = None, backoff_base: float = 1.0) -> None:
+        self.config = config
+        self.journal = Journal(config.spool.path, fsync=config.spool.fsync)
+        self.sinks = sinks if sinks is not None else build_sinks(config)
+        self.dispatcher = Dispatcher(self.journal, self.sinks, backoff_base=backoff_base)
+        self.intake = Intake(config.routing, self.journal, self.dispatcher)
+        self.lmtp = LmtpServer(
+            config.routing,
+            self.intake,
+            max_message_size=config.lmtp.max_message_size,
+            hostname=config.lmtp.hostname,
+        )
+        self.stop_requested = asyncio.Event()
+        self.started = asyncio.Event()
+
+    def request_stop(self) -> None:
+        self.stop_requested.set()
+
+    async def run(self, *, install_signals: bool = True, on_ready: Callable[[Gateway], None] | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        if install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.request_stop)
+        try:
+            pending = await asyncio.to_thread(self.journal.open)
+            for entry in pending:
+                self.dispatcher.submit(entry)
+            if pending:
+                log.info("recovered %d pending entries from the journal", len(pending), extra={"event": "recovered"})
+            for spec in self.config.lmtp.listen:
+                await self.lmtp.listen(
+                    spec, socket_mode=self.config.lmtp.socket_mode, socket_group=self.config.lmtp.socket_group
+                )
+            self.started.set()
+            if on_ready:
+                on_ready(self)
+            try:
+                async with asyncio.TaskGroup() as group:
+                    group.create_task(self.dispatcher.run(), name="dispatcher")
+                    group.create_task(self._sweep_retention(), name="retention")
+                    group.create_task(self._rescan_pending(), name="rescan")
+                    group.create_task(self._stop_when_asked(), name="shutdown")
+            except* _Stopped:
+                pass
+        finally:
+            if install_signals:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+            await self.sinks.close()
+            self.journal.close()
+        log.info("stopped", extra={"event": "stopped"})
+
+    async def _stop_when_asked(self) -> None:
+        await self.stop_requested.wait()
+        log.info("stopping: no new connections, finishing transactions", extra={"event": "stopping"})
+        await self.lmtp.shutdown()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.dispatcher.flush(), FLUSH_SECONDS)
+        waiting = self.dispatcher.backlog
+        if waiting:
+            log.info("%d entries stay pending in the journal for the next start", waiting, extra={"event": "stopping"})
+        raise _Stopped
+
+    async def _sweep_retention(self) -> None:
+        while True:
+            removed = await asyncio.to_thread(self.journal.expire, self.config.spool.retention)
+            if removed:
+                log.info("retention: removed %d finished entries", removed, extra={"event": "retention"})
+            await asyncio.sleep(RETENTION_SWEEP_SECONDS)
+
+    async def _rescan_pending(self) -> None:
+        while True:
+            await asyncio.sleep(RESCAN_SECONDS)
+            for entry in await asyncio.to_thread(lambda: list(self.journal.entries(State.PENDING))):
+                self.dispatcher.submit(entry)  # entries it already knows are ignored

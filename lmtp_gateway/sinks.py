@@ -1,0 +1,306 @@
+"""Sinks: the ways a journal entry reaches GitLab, behind one small interface.
+
+``deliver(entry, raw)`` answers ``Delivered``, ``Transient`` (keep it, try again later) or ``Permanent`` (GitLab
+refused it for good: dead letter). A sink never raises for a delivery problem; the dispatcher still treats an
+unexpected exception as transient, so a bug cannot lose mail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import os
+import socket
+import stat
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlsplit
+
+import httpx
+import jwt
+import redis.asyncio as aioredis
+import redis.exceptions
+from redis.asyncio.sentinel import Sentinel
+
+from lmtp_gateway.config import Config, ConfigError, MailboxConfig, RedisConfig
+from lmtp_gateway.journal import Entry
+from lmtp_gateway.rules import INCOMING_EMAIL, SERVICE_DESK_EMAIL
+
+
+@dataclass(frozen=True)
+class Delivered:
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Transient:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Permanent:
+    reason: str
+
+
+Outcome = Delivered | Transient | Permanent
+
+
+class Sink(Protocol):
+    name: str
+
+    async def deliver(self, entry: Entry, raw: bytes, *, force: bool = False) -> Outcome:
+        """`force`: deliver even if this entry was delivered before (replay after GitLab lost it)."""
+        ...
+
+    async def probe(self) -> Outcome:
+        """Is the destination reachable right now (for readiness and ``check``)?"""
+        ...
+
+
+# --- Sidekiq ---
+
+WORKERS = {INCOMING_EMAIL: "EmailReceiverWorker", SERVICE_DESK_EMAIL: "ServiceDeskEmailReceiverWorker"}
+WORKER_RETRY = 3  # what both GitLab workers declare in sidekiq_options; Sidekiq's own client would send it
+
+# Atomic "push once": the dedupe key and the job go in together or not at all, so neither a Postfix retry nor
+# a crash between the push and the journal's bookkeeping can make a second job.
+# ARGV: ttl, queue, job, jid, force ("1" pushes again even when the key exists: an admin's replay).
+_PUSH_ONCE = """
+local fresh = redis.call('SET', KEYS[1], ARGV[4], 'NX', 'EX', tonumber(ARGV[1]))
+if not fresh then
+  if ARGV[5] ~= '1' then return 0 end
+  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1]))
+end
+redis.call('SADD', KEYS[2], ARGV[2])
+redis.call('LPUSH', KEYS[3], ARGV[3])
+return 1
+"""
+
+
+def sidekiq_job(worker: str, queue: str, raw: bytes, jid: str, style: str, now: float) -> dict[str, object]:
+    """The job exactly as GitLab's workers expect it (GITLAB_RULES.md §6)."""
+    stamp: float | int = now if style == "sidekiq7" else int(now * 1000)
+    return {
+        "class": worker,
+        "args": [raw.decode("utf-8", "replace")],
+        "queue": queue,
+        "jid": jid,
+        "retry": WORKER_RETRY,
+        "created_at": stamp,
+        "enqueued_at": stamp,
+    }
+
+
+def redis_client(settings: RedisConfig) -> aioredis.Redis:
+    """A client for GitLab's queues Redis: a plain URL, or Sentinel with the master name as the URL's host."""
+    options = {"socket_timeout": 5.0, "socket_connect_timeout": 3.0, "health_check_interval": 30}
+    if not settings.sentinels:
+        return aioredis.Redis.from_url(settings.url, **options)
+    url = urlsplit(settings.url)
+    sentinel = Sentinel(
+        list(settings.sentinels),
+        sentinel_kwargs={"password": settings.sentinel_password} if settings.sentinel_password else {},
+        password=url.password,
+        username=url.username,
+        db=int(url.path.strip("/") or 0),
+        ssl=url.scheme == "rediss",
+        **options,
+    )
+    return sentinel.master_for(url.hostname or "gitlab-redis")
+
+
+class SidekiqSink:
+    name = "sidekiq"
+
+    def __init__(self, mailbox: str, settings: RedisConfig, client: aioredis.Redis, ttl: int) -> None:
+        self.worker = WORKERS[mailbox]
+        self.settings = settings
+        self.client = client
+        self.ttl = max(ttl, 3600)
+        prefix = f"{settings.namespace}:" if settings.namespace else ""
+        self.queues_key = f"{prefix}queues"
+        self.queue_key = f"{prefix}queue:{settings.queue}"
+        self.dedupe_prefix = f"{prefix}lmtp-gateway:delivered:"
+        self._push = client.register_script(_PUSH_ONCE)
+
+    async def deliver(self, entry: Entry, raw: bytes, *, force: bool = False) -> Outcome:
+        job = sidekiq_job(self.worker, self.settings.queue, raw, entry.id, self.settings.timestamp_style, time.time())
+        try:
+            pushed = await self._push(
+                keys=[self.dedupe_prefix + entry.fingerprint, self.queues_key, self.queue_key],
+                args=[self.ttl, self.settings.queue, json.dumps(job, ensure_ascii=False), entry.id, int(force)],
+            )
+        except (TimeoutError, redis.exceptions.RedisError, OSError) as error:
+            return Transient(f"redis: {type(error).__name__}: {error}")
+        return Delivered("pushed" if pushed else "already in Redis (dedupe)")
+
+    async def probe(self) -> Outcome:
+        try:
+            await self.client.ping()
+        except (TimeoutError, redis.exceptions.RedisError, OSError) as error:
+            return Transient(f"redis: {type(error).__name__}: {error}")
+        return Delivered("PONG")
+
+
+# --- webhook (GitLab's internal mail_room API) ---
+
+
+def check_secret_file(path: Path) -> None:
+    """Refuse a secret anyone on the machine can read."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read secret file: {error.strerror}") from None
+    if mode & stat.S_IROTH:
+        raise ConfigError(f"{path}: secret file is world-readable; fix with: chmod o-rwx {path}")
+
+
+def read_webhook_key(path: Path) -> bytes:
+    """GitLab's .gitlab_mailroom_secret: base64 of exactly 32 bytes."""
+    check_secret_file(path)
+    try:
+        key = base64.b64decode(path.read_bytes().strip(), validate=True)
+    except (OSError, binascii.Error, ValueError):
+        raise ConfigError(f"{path}: not a base64 secret (GitLab's .gitlab_mailroom_secret)") from None
+    if len(key) != 32:
+        raise ConfigError(f"{path}: the secret decodes to {len(key)} bytes; GitLab needs exactly 32")
+    return key
+
+
+def webhook_token(key: bytes, now: float | None = None) -> str:
+    claims = {
+        "iss": "gitlab-mailroom",
+        "iat": int(now if now is not None else time.time()),
+        "nonce": uuid.uuid4().hex,
+    }
+    return jwt.encode(claims, key, algorithm="HS256")
+
+
+class WebhookSink:
+    name = "webhook"
+
+    def __init__(self, mailbox: str, gitlab_url: str, key: bytes, client: httpx.AsyncClient) -> None:
+        self.url = f"{gitlab_url.rstrip('/')}/api/v4/internal/mail_room/{mailbox}"
+        self.key = key
+        self.client = client
+
+    async def _post(self, body: bytes) -> httpx.Response:
+        headers = {"Content-Type": "text/plain", "Gitlab-Mailroom-Api-Request": webhook_token(self.key)}
+        return await self.client.post(self.url, content=body, headers=headers)
+
+    async def deliver(self, entry: Entry, raw: bytes, *, force: bool = False) -> Outcome:
+        try:
+            response = await self._post(raw)
+        except httpx.HTTPError as error:
+            return Transient(f"webhook: {type(error).__name__}: {error}")
+        if response.status_code == 200:
+            return Delivered("200")
+        if response.status_code == 400:
+            return Permanent(
+                f"webhook: GitLab refused the message (400: too large; it sent the rejection): {_snippet(response)}"
+            )
+        if response.status_code == 401:
+            return Transient("webhook: 401 from GitLab: secret_file does not match GitLab's or the mailbox is disabled")
+        return Transient(f"webhook: HTTP {response.status_code} from GitLab: {_snippet(response)}")
+
+    async def probe(self) -> Outcome:
+        try:
+            response = await self._post(b"")
+        except httpx.HTTPError as error:
+            return Transient(f"webhook: {type(error).__name__}: {error}")
+        if response.status_code == 401:
+            return Transient("webhook: 401: secret not accepted by GitLab")
+        return Delivered(f"HTTP {response.status_code}")
+
+
+def _snippet(response: httpx.Response) -> str:
+    return response.text[:200].replace("\n", " ")
+
+
+# --- Maildir (the embedded default: no GitLab needed) ---
+
+
+class MaildirSink:
+    name = "maildir"
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _deliver_sync(self, entry: Entry, raw: bytes, force: bool) -> str:
+        for sub in ("tmp", "new", "cur"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True, mode=0o750)
+        name = f"{int(entry.received_at)}.{entry.id}.{socket.gethostname()}"
+        if (self.root / "new" / name).exists() or any((self.root / "cur").glob(f"{name}*")):
+            if not force:
+                return "already in the Maildir"
+            name = f"{int(time.time())}.{entry.id}_{uuid.uuid4().hex[:6]}.{socket.gethostname()}"
+        tmp = self.root / "tmp" / name
+        with open(tmp, "wb") as handle:
+            handle.write(raw)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, self.root / "new" / name)
+        return f"new/{name}"
+
+    async def deliver(self, entry: Entry, raw: bytes, *, force: bool = False) -> Outcome:
+        try:
+            return Delivered(await asyncio.to_thread(self._deliver_sync, entry, raw, force))
+        except OSError as error:
+            return Transient(f"maildir: {error.strerror or error}")
+
+    async def probe(self) -> Outcome:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            return Transient(f"maildir: {error.strerror}")
+        return Delivered(str(self.root)) if os.access(self.root, os.W_OK) else Transient(f"{self.root} not writable")
+
+
+@dataclass
+class Sinks:
+    """One sink per mailbox, sharing one Redis client and one HTTP client between them."""
+
+    by_mailbox: dict[str, Sink]
+    redis: aioredis.Redis | None = None
+    http: httpx.AsyncClient | None = None
+
+    def __getitem__(self, mailbox: str) -> Sink:
+        return self.by_mailbox[mailbox]
+
+    async def probe(self) -> dict[str, Outcome]:
+        return {name: await sink.probe() for name, sink in self.by_mailbox.items()}
+
+    async def close(self) -> None:
+        for client in (self.redis, self.http):
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    await client.aclose()
+
+
+def build_sinks(config: Config) -> Sinks:
+    methods = {mailbox.delivery_method for mailbox in config.mailboxes.values()}
+    sinks = Sinks({})
+    if "sidekiq" in methods:
+        sinks.redis = redis_client(config.redis)
+    if "webhook" in methods:
+        sinks.http = httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=5.0))
+    for name, mailbox in config.mailboxes.items():
+        sinks.by_mailbox[name] = _build_sink(config, mailbox, sinks)
+    return sinks
+
+
+def _build_sink(config: Config, mailbox: MailboxConfig, shared: Sinks) -> Sink:
+    if mailbox.delivery_method == "sidekiq":
+        assert shared.redis is not None
+        return SidekiqSink(mailbox.name, config.redis, shared.redis, config.spool.retention)
+    if mailbox.delivery_method == "webhook":
+        assert config.gitlab_url and mailbox.secret_file and shared.http  # checked when the configuration was loaded
+        return WebhookSink(mailbox.name, config.gitlab_url, read_webhook_key(mailbox.secret_file), shared.http)
+    root = mailbox.settings.get("maildir_path")
+    return MaildirSink(Path(root) if root else config.spool.path / "maildir" / mailbox.name)
