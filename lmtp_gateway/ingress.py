@@ -256,7 +256,8 @@ class LmtpSession(LMTP):
                 return [f"451 4.3.0 <{rcpt}> internal error, try again later" for rcpt in rcpts]
             return [data_reply(a, rcpt) for a, rcpt in zip(acceptances, rcpts, strict=True)]
         finally:
-            handle.close()
+            with contextlib.suppress(OSError):
+                handle.close()
             if not committed:
                 self.server.intake.journal.discard(path)
 
@@ -296,11 +297,10 @@ class LmtpSession(LMTP):
                     problem = describe_os_error(error)
         if decoder.leftover:  # commands pipelined past the end of DATA: give them back to the command loop
             self._reader._buffer[:0] = decoder.leftover  # type: ignore[attr-defined]
-        if problem is None:
-            try:
-                handle.flush()
-            except OSError as error:
-                problem = describe_os_error(error)
+        try:
+            handle.close()  # flushes: a full disk may only show here
+        except OSError as error:
+            problem = problem or describe_os_error(error)
         if problem:
             return None, problem
         return Received(path, len(prefix), digest.digest(), bytes(head), size), None

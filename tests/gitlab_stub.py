@@ -1,0 +1,91 @@
+"""A stand-in for GitLab's internal mail_room API (lib/api/internal/mail_room.rb), which tests cannot reach.
+
+It implements the documented contract faithfully: POST /api/v4/internal/mail_room/<mailbox_type> with the raw
+message as the body and an HS256 JWT in ``Gitlab-Mailroom-Api-Request`` (issuer ``gitlab-mailroom``, ``iat``
+mandatory and at most 5 minutes old); 401 for a bad token or a disabled mailbox, 400 when the message is larger
+than GitLab's limit, 200 ``{"success":true}`` when the job was enqueued.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import jwt
+
+MAILBOX_TYPES = ("incoming_email", "service_desk_email")
+
+
+@dataclass
+class Received:
+    mailbox: str
+    body: bytes
+    claims: dict[str, object]
+    content_type: str
+
+
+@dataclass
+class GitLabStub:
+    key: bytes
+    max_size: int = 25 * 1024 * 1024
+    enabled: tuple[str, ...] = MAILBOX_TYPES
+    received: list[Received] = field(default_factory=list)
+    scripted: list[int] = field(default_factory=list)  # statuses to answer first (500, 502…), then the contract
+    server: ThreadingHTTPServer | None = None
+    arrived: threading.Condition = field(default_factory=threading.Condition)
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def start(self) -> GitLabStub:
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                status, answer = stub.handle(self.path, self.headers.get("Gitlab-Mailroom-Api-Request"), body,
+                                             self.headers.get("Content-Type", ""))  # fmt: skip
+                payload = json.dumps(answer).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+
+    def handle(self, path: str, token: str | None, body: bytes, content_type: str) -> tuple[int, dict[str, object]]:
+        prefix = "/api/v4/internal/mail_room/"
+        mailbox = path.removeprefix(prefix)
+        if not path.startswith(prefix) or mailbox not in MAILBOX_TYPES:
+            return 404, {"message": "404 Not Found"}
+        try:
+            claims = jwt.decode(token or "", self.key, algorithms=["HS256"], issuer="gitlab-mailroom",
+                                options={"require": ["iat", "iss"]})  # fmt: skip
+        except jwt.PyJWTError:
+            return 401, {"message": "401 Unauthorized"}
+        if int(claims["iat"]) < time.time() - 300 or mailbox not in self.enabled:
+            return 401, {"message": "401 Unauthorized"}
+        if self.scripted:
+            return self.scripted.pop(0), {"message": "scripted failure"}
+        if len(body) > self.max_size:
+            return 400, {"success": False, "message": "Email is too large"}
+        with self.arrived:
+            self.received.append(Received(mailbox, body, claims, content_type))
+            self.arrived.notify_all()
+        return 200, {"success": True}

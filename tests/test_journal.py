@@ -1,0 +1,130 @@
+"""The journal on its own: commit, state changes, recovery after a crash, retention."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lmtp_gateway.ingress import DataDecoder
+from lmtp_gateway.journal import Entry, Journal, State, envelope_headers, fingerprint
+from tests.lmtp_client import dot_stuff
+
+
+def new_entry(entry_id: str, state: State = State.PENDING, received_at: float | None = None) -> Entry:
+    return Entry(
+        id=entry_id, fingerprint=entry_id * 2, state=state, received_at=received_at or time.time(), ingress="test",
+        mail_from="a@b", rcpt="r@h", mailbox="incoming_email", key="k", handler="create_note", source="to",
+        reason="", size=5,
+    )  # fmt: skip
+
+
+async def commit(journal: Journal, entry: Entry, body: bytes = b"hello") -> None:
+    path, handle = journal.new_tmp()
+    with handle:
+        handle.write(body)
+    from lmtp_gateway.journal import Draft
+
+    await journal.commit([Draft(entry, path)])
+
+
+async def test_commit_makes_a_readable_pair(tmp_path: Path) -> None:
+    journal = Journal(tmp_path)
+    journal.open()
+    await commit(journal, new_entry("a" * 24))
+    assert (tmp_path / "pending" / f"{'a' * 24}.eml").read_bytes() == b"hello"
+    assert journal.find("a" * 24) is not None
+    assert not list((tmp_path / "tmp").iterdir())
+    journal.close()
+
+
+async def test_state_changes_move_both_files(tmp_path: Path) -> None:
+    journal = Journal(tmp_path)
+    journal.open()
+    entry = new_entry("b" * 24)
+    await commit(journal, entry)
+    journal.move(entry, State.DELIVERED)
+    assert {p.name for p in (tmp_path / "delivered").iterdir()} == {f"{'b' * 24}.eml", f"{'b' * 24}.json"}
+    assert not list((tmp_path / "pending").iterdir())
+    assert journal.find("b" * 24).state is State.DELIVERED
+    journal.close()
+
+
+async def test_recovery_after_crashes_at_every_step(tmp_path: Path) -> None:
+    journal = Journal(tmp_path)
+    journal.open()
+    half_moved, never_committed, complete = new_entry("c" * 24), new_entry("d" * 24), new_entry("e" * 24)
+    for entry in (half_moved, complete):
+        await commit(journal, entry)
+    # a crash between the two renames of a state change: .json in delivered/, .eml still in pending/
+    os.replace(tmp_path / "pending" / f"{'c' * 24}.json", tmp_path / "delivered" / f"{'c' * 24}.json")
+    # a crash between the two renames of a commit: an .eml without metadata was never acknowledged
+    (tmp_path / "pending" / f"{'d' * 24}.eml").write_bytes(b"orphan")
+    (tmp_path / "tmp" / "x.data").write_bytes(b"half written")
+    pending = Journal(tmp_path).open()
+    assert [e.id for e in pending] == ["e" * 24]
+    assert (tmp_path / "delivered" / f"{'c' * 24}.eml").exists()
+    assert not (tmp_path / "pending" / f"{'d' * 24}.eml").exists()
+    assert not list((tmp_path / "tmp").iterdir())
+    assert never_committed.id not in {e.id for e in journal.entries()}
+
+
+async def test_retention_removes_only_old_finished_entries(tmp_path: Path) -> None:
+    journal = Journal(tmp_path)
+    journal.open()
+    old_done, old_pending, new_done = new_entry("f" * 24), new_entry("0" * 24), new_entry("1" * 24)
+    for entry in (old_done, old_pending, new_done):
+        await commit(journal, entry)
+    journal.move(old_done, State.DELIVERED)
+    journal.move(new_done, State.DROPPED)
+    removed = journal.expire(retention=3600, now=time.time() + 7200)
+    assert removed == 2  # both finished entries are older than an hour at that "now"
+    assert journal.expire(retention=3600) == 0
+    assert [e.id for e in journal.entries()] == ["0" * 24]  # pending is never removed
+
+
+def test_fingerprint_depends_on_message_mailbox_and_recipient() -> None:
+    digest = hashlib.sha256(b"raw").digest()
+    base = fingerprint(digest, "incoming_email", "a@b")
+    assert base == fingerprint(digest, "incoming_email", "a@b")
+    assert len({base, fingerprint(digest, "service_desk_email", "a@b"), fingerprint(digest, "incoming_email", "c@d"),
+                fingerprint(hashlib.sha256(b"other").digest(), "incoming_email", "a@b")}) == 4  # fmt: skip
+
+
+def test_envelope_headers() -> None:
+    assert envelope_headers("", "r@h") == b"Return-Path: <>\r\nDelivered-To: r@h\r\n"
+    assert envelope_headers(None, None) == b""
+
+
+lines = st.lists(
+    st.binary(max_size=120).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")), max_size=40
+).map(lambda ls: b"".join(line + b"\r\n" for line in ls))
+
+
+@settings(max_examples=300)
+@given(lines, st.lists(st.integers(min_value=1, max_value=64), min_size=1, max_size=50), st.binary(max_size=30))
+def test_data_decoder_round_trips_any_chunking(message: bytes, cuts: list[int], after: bytes) -> None:
+    wire = dot_stuff(message) + after
+    decoder, out, position = DataDecoder(), b"", 0
+    for size in cuts * (len(wire) // max(sum(cuts), 1) + 1):
+        if decoder.done or position >= len(wire):
+            break
+        out += decoder.feed(wire[position : position + size])
+        position += size
+    assert decoder.done
+    assert out == message
+    assert decoder.leftover + wire[position:] == after
+    assert not decoder.line_too_long
+
+
+def test_data_decoder_flags_long_lines_and_still_finds_the_end() -> None:
+    decoder = DataDecoder(max_line=100)
+    out = decoder.feed(b"short\r\n" + b"x" * 5000)
+    out += decoder.feed(b"y" * 5000 + b"\r\nafter\r\n.\r\nQUIT\r\n")
+    assert decoder.done and decoder.line_too_long
+    assert decoder.leftover == b"QUIT\r\n"
+    assert b"x" not in out  # the long line was not buffered

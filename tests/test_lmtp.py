@@ -1,0 +1,270 @@
+"""LMTP ingress against a running gateway: replies per recipient in every path, pipelining, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from lmtp_gateway.journal import State
+from tests.conftest import (
+    REPLY_KEY,
+    REPLY_RCPT,
+    StartGateway,
+    eventually,
+    make_config,
+    message,
+    numbered_message,
+)
+from tests.lmtp_client import LmtpClient
+
+ISSUE_RCPT = "incoming+group-project-42-Tok3n-issue@incoming.test"
+DESK_RCPT = "contact+project_slug-project_key@incoming.test"
+
+
+def entries(spool: Path, state: State) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((spool / state.value).glob("*.json"))]
+
+
+def nothing_committed(spool: Path) -> bool:
+    return not any(any((spool / state.value).iterdir()) for state in State)
+
+
+def maildir_messages(spool: Path, mailbox: str) -> list[bytes]:
+    return [p.read_bytes() for p in sorted((spool / "maildir" / mailbox / "new").glob("*"))]
+
+
+async def test_lhlo_advertises_what_lmtp_clients_need(start_gateway: StartGateway) -> None:
+    gateway = await start_gateway()
+    client = await LmtpClient.connect(gateway.address)
+    assert client.greeting.startswith("220 ")
+    await client.lhlo()
+    assert {"PIPELINING", "ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8", f"SIZE {25 * 1024 * 1024}"} <= set(
+        client.capabilities
+    )
+    assert (await client.command("HELO x")).startswith("500 5.5.2")
+    assert (await client.command("NOOP")).startswith("250 2.0.0")
+    await client.quit()
+
+
+async def test_mixed_recipients_get_one_reply_each_in_rcpt_order(start_gateway: StartGateway, tmp_path: Path) -> None:
+    gateway = await start_gateway()
+    client = await gateway.client()
+    rcpts = [REPLY_RCPT, "nobody@incoming.test", ISSUE_RCPT, "incoming+!!!bad!!!@incoming.test", DESK_RCPT]
+    done = await client.send("alice@example.org", rcpts, message("From: alice@example.org", "Subject: hi"))
+    assert done.mail.startswith("250 2.1.0")
+    assert [r[:9] for r in done.rcpt_replies] == ["250 2.1.5", "550 5.1.1", "250 2.1.5", "550 5.1.1", "250 2.1.5"]
+    assert "fits no GitLab handler" in done.rcpt_replies[3]
+    assert len(done.results) == 3
+    for reply, rcpt in zip(done.results, [REPLY_RCPT, ISSUE_RCPT, DESK_RCPT], strict=True):
+        assert reply.startswith(f"250 2.0.0 <{rcpt}> ") and reply.endswith(" queued")
+    await client.quit()
+    spool = tmp_path / "spool"
+    await eventually(lambda: len(entries(spool, State.DELIVERED)) == 3, what="three deliveries")
+    by_rcpt = {e["rcpt"]: e for e in entries(spool, State.DELIVERED)}
+    assert by_rcpt[ISSUE_RCPT]["handler"] == "create_issue"
+    assert by_rcpt[DESK_RCPT]["mailbox"] == "service_desk_email"
+    copies = maildir_messages(spool, "incoming_email")
+    assert sorted(c.split(b"\r\n")[1] for c in copies) == sorted(
+        f"Delivered-To: {r}".encode() for r in (REPLY_RCPT, ISSUE_RCPT)
+    )
+    assert all(c.startswith(b"Return-Path: <alice@example.org>\r\n") for c in copies)
+
+
+async def test_dedicated_address_needs_a_key_in_the_headers(start_gateway: StartGateway, tmp_path: Path) -> None:
+    config = make_config(tmp_path / "spool", incoming_email={"address": "reply@incoming.test"})
+    gateway = await start_gateway(config)
+    client = await gateway.client()
+    without = await client.send("a@example.org", ["reply@incoming.test", DESK_RCPT], message("Subject: hi"))
+    assert without.results[0].startswith("550 5.1.1 <reply@incoming.test> We couldn't figure out what the email")
+    assert without.results[1].startswith("250 2.0.0")
+    with_key = await client.send(
+        "a@example.org", ["reply@incoming.test"], message(f"References: <reply-{REPLY_KEY}@gitlab.test>")
+    )
+    assert with_key.results[0].startswith("250 2.0.0")
+    await client.quit()
+
+
+async def test_auto_reply_is_accepted_and_dropped(start_gateway: StartGateway, tmp_path: Path) -> None:
+    gateway = await start_gateway()
+    client = await gateway.client()
+    done = await client.send("", [REPLY_RCPT], message("Auto-Submitted: auto-replied", "Subject: away"))
+    assert done.results[0].startswith("250 2.0.0") and "discarded" in done.results[0]
+    await client.quit()
+    dropped = entries(tmp_path / "spool", State.DROPPED)
+    assert len(dropped) == 1 and dropped[0]["mail_from"] == ""
+    assert not maildir_messages(tmp_path / "spool", "incoming_email")
+    assert gateway.gateway.dispatcher.stats.delivered == 0
+
+
+async def test_a_retry_of_a_committed_message_makes_no_second_entry(
+    start_gateway: StartGateway, tmp_path: Path
+) -> None:
+    gateway = await start_gateway()
+    raw = numbered_message(1)
+    first = await (await gateway.client()).send("a@example.org", [REPLY_RCPT], raw)
+    second = await (await gateway.client()).send("a@example.org", [REPLY_RCPT], raw)
+    entry_id = first.results[0].split()[3]
+    assert second.results[0] == f"250 2.0.0 <{REPLY_RCPT}> {entry_id} already queued"
+    await eventually(lambda: entries(tmp_path / "spool", State.DELIVERED), what="delivery")
+    assert len(maildir_messages(tmp_path / "spool", "incoming_email")) == 1
+
+
+async def test_pipelined_sessions_with_connection_reuse(start_gateway: StartGateway, tmp_path: Path) -> None:
+    gateway = await start_gateway()
+
+    async def session(number: int) -> list[str]:
+        client = await gateway.client()
+        replies = []
+        for index in range(10):
+            done = await client.send("a@example.org", [REPLY_RCPT, DESK_RCPT], numbered_message(number * 100 + index))
+            replies += done.results
+            assert (await client.command("RSET")).startswith("250 2.0.0")
+        await client.quit()
+        return replies
+
+    results = await asyncio.gather(*(session(n) for n in range(8)))
+    assert all(r.startswith("250 2.0.0") for rs in results for r in rs)
+    assert sum(len(r) for r in results) == 160
+    await eventually(lambda: len(entries(tmp_path / "spool", State.DELIVERED)) == 160, what="160 deliveries")
+
+
+async def test_data_without_recipients_and_bad_sequences(start_gateway: StartGateway) -> None:
+    gateway = await start_gateway()
+    client = await gateway.client()
+    assert (await client.command("DATA")).startswith("503 5.5.1")
+    assert (await client.command("RCPT TO:<x@y>")).startswith("503 5.5.1")
+    done = await client.send("a@example.org", ["nobody@incoming.test"], b"x\r\n")
+    assert done.data and done.data.startswith("503 5.5.1") and not done.results
+    await client.quit()
+
+
+async def test_message_over_the_size_limit(start_gateway: StartGateway, tmp_path: Path) -> None:
+    config = make_config(tmp_path / "spool", lmtp={"max_message_size": "1M"})
+    gateway = await start_gateway(config)
+    client = await gateway.client()
+    assert (await client.command("MAIL FROM:<a@b> SIZE=2000000")).startswith("552 5.3.4")
+    await client.command("RSET")
+    big = message("Subject: big", body=("x" * 76 + "\n") * 30_000)  # 2.3 MB
+    done = await client.send("a@example.org", [REPLY_RCPT, ISSUE_RCPT], big)
+    assert [r[:9] for r in done.results] == ["552 5.3.4", "552 5.3.4"]
+    assert REPLY_RCPT in done.results[0] and ISSUE_RCPT in done.results[1]
+    after = await client.send("a@example.org", [REPLY_RCPT], numbered_message(7))  # the session goes on
+    assert after.results[0].startswith("250 2.0.0")
+    await client.quit()
+    assert len(entries(tmp_path / "spool", State.PENDING) + entries(tmp_path / "spool", State.DELIVERED)) == 1
+    assert not list((tmp_path / "spool" / "tmp").iterdir())
+
+
+async def test_over_long_line(start_gateway: StartGateway, tmp_path: Path) -> None:
+    gateway = await start_gateway()
+    client = await gateway.client()
+    done = await client.send("a@example.org", [REPLY_RCPT, DESK_RCPT], message("Subject: x", body="y" * 5000 + "\n"))
+    assert [r[:9] for r in done.results] == ["500 5.5.2", "500 5.5.2"]
+    assert (await client.command("NOOP")).startswith("250")
+    await client.quit()
+    assert not entries(tmp_path / "spool", State.PENDING) and not entries(tmp_path / "spool", State.DELIVERED)
+
+
+async def test_internal_error_gives_451_per_recipient(
+    start_gateway: StartGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gateway = await start_gateway()
+
+    async def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(gateway.gateway.intake, "accept", broken)
+    client = await gateway.client()
+    done = await client.send("a@example.org", [REPLY_RCPT, DESK_RCPT], numbered_message(1))
+    assert [r[:9] for r in done.results] == ["451 4.3.0", "451 4.3.0"]
+    assert "injected" not in " ".join(done.results)  # no internals leak to the client
+    await client.quit()
+
+
+async def test_client_gone_mid_data_leaves_nothing(start_gateway: StartGateway, tmp_path: Path) -> None:
+    gateway = await start_gateway()
+    client = await gateway.client()
+    client.writer.write(f"MAIL FROM:<a@b>\r\nRCPT TO:<{REPLY_RCPT}>\r\nDATA\r\n".encode())
+    for _ in range(3):
+        await client.reply()
+    client.writer.write(b"Subject: half\r\n\r\n" + b"x" * 100_000)
+    await client.writer.drain()
+    await eventually(lambda: any(s.busy for s in gateway.gateway.lmtp.sessions), what="DATA in progress")
+    client.abort()
+    await eventually(lambda: not gateway.gateway.lmtp.sessions, what="session closed")
+    spool = tmp_path / "spool"
+    assert not list((spool / "tmp").iterdir())
+    assert nothing_committed(spool)
+
+
+async def test_unix_socket_with_mode(start_gateway: StartGateway, tmp_path: Path) -> None:
+    socket_path = tmp_path / "run" / "lmtp.sock"
+    config = make_config(tmp_path / "spool", lmtp={"listen": f"unix:{socket_path}", "socket_mode": "0660"})
+    gateway = await start_gateway(config)
+    assert gateway.address == f"unix:{socket_path}"
+    assert stat.S_IMODE(socket_path.stat().st_mode) == 0o660
+    client = await gateway.client()
+    done = await client.send("a@example.org", [REPLY_RCPT], numbered_message(3))
+    assert done.results[0].startswith("250 2.0.0")
+    await client.quit()
+    await gateway.stop()
+    assert not socket_path.exists()
+
+
+async def test_recovery_delivers_what_was_pending(start_gateway: StartGateway, tmp_path: Path) -> None:
+    config = make_config(tmp_path / "spool", incoming_email={"maildir_path": str(tmp_path / "readonly")})
+    (tmp_path / "readonly").mkdir(mode=0o500)
+    (tmp_path / "readonly" / "new").write_text("not a directory")  # the sink cannot deliver: stays pending
+    gateway = await start_gateway(config)
+    client = await gateway.client()
+    done = await client.send("a@example.org", [REPLY_RCPT], numbered_message(5))
+    assert done.results[0].startswith("250")
+    await client.quit()
+    await eventually(lambda: gateway.gateway.dispatcher.stats.transient >= 1, what="a failed attempt")
+    await gateway.stop()
+    assert len(entries(tmp_path / "spool", State.PENDING)) == 1
+    (tmp_path / "readonly" / "new").unlink()
+    restarted = await start_gateway(config)
+    await eventually(lambda: entries(tmp_path / "spool", State.DELIVERED), what="delivery after restart")
+    assert restarted.gateway.dispatcher.stats.delivered == 1
+    assert not entries(tmp_path / "spool", State.PENDING)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A 2 MiB tmpfs for the journal: a real full disk, not a simulated one."""
+    mountpoint = tmp_path / "small"
+    mountpoint.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mountpoint)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.decode().strip()}")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+async def test_full_disk_answers_452_and_acknowledges_nothing(start_gateway: StartGateway, small_disk: Path) -> None:
+    spool = small_disk / "spool"
+    gateway = await start_gateway(make_config(spool))
+    client = await gateway.client()
+    filler = small_disk / "filler"
+    with contextlib.suppress(OSError), open(filler, "wb") as handle:
+        while True:
+            handle.write(b"\0" * 65536)
+            handle.flush()
+    done = await client.send("a@example.org", [REPLY_RCPT, DESK_RCPT], message("Subject: x", body="y\n" * 200_000))
+    assert [r[:9] for r in done.results] == ["452 4.3.1", "452 4.3.1"]
+    assert "disk full" in done.results[0]
+    assert nothing_committed(spool)
+    assert not list((spool / "tmp").iterdir())
+    filler.unlink()  # space again: the same session now succeeds
+    again = await client.send("a@example.org", [REPLY_RCPT], message("Subject: x", body="y\n" * 200_000))
+    assert again.results[0].startswith("250 2.0.0")
+    await client.quit()

@@ -1,0 +1,116 @@
+"""`replay` and `spool`, run as an admin runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lmtp_gateway.journal import Draft, Entry, Journal, State
+from tests.conftest import REPLY_RCPT, gateway_yaml, lmtp_gateway_command, numbered_message
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*lmtp_gateway_command(), *args], capture_output=True, text=True, timeout=120, check=False)
+
+
+def config_file(tmp_path: Path, **sections: Any) -> str:
+    path = tmp_path / "gw.yml"
+    path.write_text(yaml.safe_dump(gateway_yaml(tmp_path / "spool", **sections)))
+    return str(path)
+
+
+async def seed(spool: Path, state: State, count: int, mailbox: str = "incoming_email") -> list[Entry]:
+    journal = Journal(spool)
+    journal.open()
+    made = []
+    for number in range(count):
+        entry_id = f"{state.value[:1]}{mailbox[:1]}{number:022x}"
+        entry = Entry(
+            id=entry_id, fingerprint=entry_id * 2, state=State.PENDING, received_at=time.time() - 60, ingress="test",
+            mail_from="a@b", rcpt=REPLY_RCPT, mailbox=mailbox, key="k", handler="create_note", source="envelope",
+            reason="", size=10,
+        )  # fmt: skip
+        path, handle = journal.new_tmp()
+        with handle:
+            handle.write(numbered_message(number))
+        await journal.commit([Draft(entry, path)])
+        if state is not State.PENDING:
+            entry.last_error = "GitLab said no" if state is State.FAILED else None
+            journal.move(entry, state)
+        made.append(entry)
+    journal.close()
+    return made
+
+
+async def test_replay_failed_entries_after_the_cause_is_fixed(tmp_path: Path) -> None:
+    config = config_file(tmp_path)
+    await seed(tmp_path / "spool", State.FAILED, 3)
+    await seed(tmp_path / "spool", State.DELIVERED, 2)
+    dry = cli("replay", "--config", config, "--state", "failed", "--dry-run")
+    assert dry.returncode == 0 and dry.stdout.count("would deliver") == 3
+    assert len(list((tmp_path / "spool" / "failed").glob("*.json"))) == 3  # a dry run changes nothing
+    done = cli("replay", "--config", config, "--state", "failed")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("delivered") == 3 and "3 processed: 3 delivered" in done.stderr
+    assert not list((tmp_path / "spool" / "failed").glob("*.json"))
+    assert len(list((tmp_path / "spool" / "maildir" / "incoming_email" / "new").iterdir())) == 3
+
+
+async def test_replay_after_gitlab_lost_its_jobs(tmp_path: Path, redis: Any) -> None:
+    sections = {"incoming_email": {"delivery_method": "sidekiq"}, "redis": {"url": redis.url}}
+    config = config_file(tmp_path, **sections)
+    entries = await seed(tmp_path / "spool", State.DELIVERED, 4)
+    since = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() - 3600))
+    done = cli("replay", "--config", config, "--since", since, "--mailbox", "incoming_email")
+    assert done.returncode == 0, done.stderr
+    jobs = [json.loads(job) for job in redis.command("LRANGE", "queue:default", "0", "-1")]
+    assert sorted(job["jid"] for job in jobs) == sorted(e.id for e in entries)
+    selected = cli("replay", "--config", config, "--id", entries[0].id)
+    assert selected.returncode == 0 and selected.stdout.startswith(entries[0].id)
+    assert redis.command("LLEN", "queue:default") == 5  # replaying a delivered entry pushes again, on purpose
+
+
+def test_replay_eml_files_through_the_rules(tmp_path: Path) -> None:
+    config = config_file(tmp_path)
+    good, auto = tmp_path / "good.eml", tmp_path / "auto.eml"
+    good.write_bytes(numbered_message(9, rcpt="someone@example.org"))
+    auto.write_bytes(b"Auto-Submitted: auto-replied\n\nout of office\n")
+    dry = cli("replay", "--config", config, "--rcpt", REPLY_RCPT, "--dry-run", str(good), str(auto))
+    assert "would deliver" in dry.stdout and "would drop" in dry.stdout
+    done = cli("replay", "--config", config, "--rcpt", REPLY_RCPT, str(good), str(auto))
+    assert done.returncode == 0, done.stderr
+    assert f"{good}  delivered" in done.stdout and f"{auto}  dropped" in done.stdout
+    (copy,) = (tmp_path / "spool" / "maildir" / "incoming_email" / "new").iterdir()
+    assert copy.read_bytes().startswith(f"Delivered-To: {REPLY_RCPT}\r\n".encode())
+    again = cli("replay", "--config", config, "--rcpt", REPLY_RCPT, str(good))
+    assert "duplicate" in again.stdout
+    unknown = cli("replay", "--config", config, str(good))
+    assert "rejected" in unknown.stdout and "couldn't figure out" in unknown.stdout
+
+
+def test_replay_needs_a_selection(tmp_path: Path) -> None:
+    done = cli("replay", "--config", config_file(tmp_path))
+    assert done.returncode == 2 and "select entries" in done.stderr
+    bad_time = cli("replay", "--config", config_file(tmp_path), "--since", "yesterday-ish")
+    assert bad_time.returncode == 2 and "neither an ISO time" in bad_time.stderr
+
+
+async def test_spool_list_show_stats(tmp_path: Path) -> None:
+    config = config_file(tmp_path)
+    failed = await seed(tmp_path / "spool", State.FAILED, 2)
+    await seed(tmp_path / "spool", State.PENDING, 1)
+    listing = cli("spool", "list", "--config", config, "--state", "failed")
+    assert listing.returncode == 0 and len(listing.stdout.splitlines()) == 2
+    assert "GitLab said no" in listing.stdout
+    shown = cli("spool", "show", "--config", config, "--message", failed[0].id)
+    assert f'"id": "{failed[0].id}"' in shown.stdout and "Subject: message 0" in shown.stdout
+    stats = json.loads(cli("spool", "stats", "--config", config, "--json").stdout)
+    assert (stats["failed"], stats["pending"], stats["delivered"]) == (2, 1, 0)
+    assert stats["oldest_pending_seconds"] >= 60
+    missing = cli("spool", "show", "--config", config, "nope")
+    assert missing.returncode == 1 and "no entry" in missing.stderr

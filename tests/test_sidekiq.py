@@ -1,0 +1,163 @@
+"""Delivery into a real Redis as Sidekiq jobs: the job format, dedupe, Redis outages and kill -9."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import re
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from lmtp_gateway.journal import Entry, State
+from lmtp_gateway.sinks import SidekiqSink, redis_client
+from tests.conftest import REPLY_RCPT, StartGateway, eventually, make_config, numbered_message
+from tests.lmtp_client import LmtpClient
+
+DESK_RCPT = "contact+project_slug-project_key@incoming.test"
+
+
+def sidekiq_config(spool: Path, redis: Any, **redis_settings: Any) -> Any:
+    return make_config(
+        spool,
+        incoming_email={"delivery_method": "sidekiq"},
+        service_desk_email={"delivery_method": "sidekiq"},
+        redis={"url": redis.url, **redis_settings},
+    )
+
+
+def jobs(redis: Any, queue: str = "queue:default") -> list[dict[str, Any]]:
+    return [json.loads(raw) for raw in redis.command("LRANGE", queue, "0", "-1")]
+
+
+async def test_job_json_is_what_gitlab_expects(start_gateway: StartGateway, redis: Any, tmp_path: Path) -> None:
+    gateway = await start_gateway(sidekiq_config(tmp_path / "spool", redis))
+    client = await gateway.client()
+    raw = numbered_message(1, body="Grüße")
+    before = time.time()
+    done = await client.send("alice@example.org", [REPLY_RCPT, DESK_RCPT], raw)
+    await client.quit()
+    await eventually(lambda: len(jobs(redis)) == 2, what="two jobs")
+    assert redis.command("SMEMBERS", "queues") == [b"default"]
+    by_class = {job["class"]: job for job in jobs(redis)}
+    assert set(by_class) == {"EmailReceiverWorker", "ServiceDeskEmailReceiverWorker"}
+    job = by_class["EmailReceiverWorker"]
+    assert set(job) == {"class", "args", "queue", "jid", "retry", "created_at", "enqueued_at"}
+    assert job["queue"] == "default" and job["retry"] == 3
+    assert re.fullmatch(r"[0-9a-f]{24}", job["jid"]) and job["jid"] == done.results[0].split()[3]
+    assert isinstance(job["created_at"], float) and before <= job["created_at"] <= time.time()
+    assert job["enqueued_at"] == job["created_at"]
+    (body,) = job["args"]
+    expected = f"Return-Path: <alice@example.org>\r\nDelivered-To: {REPLY_RCPT}\r\n".encode() + raw.replace(
+        b"\n", b"\r\n"
+    )
+    assert body.encode() == expected
+
+
+async def test_sidekiq8_timestamps_queue_and_namespace(start_gateway: StartGateway, redis: Any, tmp_path: Path) -> None:
+    config = sidekiq_config(
+        tmp_path / "spool", redis, timestamp_style="sidekiq8", queue="email_receiver", namespace="resque:gitlab"
+    )
+    gateway = await start_gateway(config)
+    client = await gateway.client()
+    await client.send("a@example.org", [REPLY_RCPT], numbered_message(2))
+    await client.quit()
+    await eventually(lambda: jobs(redis, "resque:gitlab:queue:email_receiver"), what="namespaced job")
+    (job,) = jobs(redis, "resque:gitlab:queue:email_receiver")
+    assert isinstance(job["enqueued_at"], int) and abs(job["enqueued_at"] / 1000 - time.time()) < 60
+    assert job["queue"] == "email_receiver"
+    assert redis.command("SMEMBERS", "resque:gitlab:queues") == [b"email_receiver"]
+
+
+async def test_push_is_once_per_fingerprint_unless_forced(redis: Any, tmp_path: Path) -> None:
+    config = sidekiq_config(tmp_path / "spool", redis)
+    client = redis_client(config.redis)
+    sink = SidekiqSink("incoming_email", config.redis, client, 3600)
+    entry = Entry(
+        id="a" * 24, fingerprint="a" * 64, state=State.PENDING, received_at=time.time(), ingress="test",
+        mail_from="", rcpt=REPLY_RCPT, mailbox="incoming_email", key="k", handler="create_note", source="to",
+        reason="", size=3,
+    )  # fmt: skip
+    try:
+        assert (await sink.deliver(entry, b"abc")).detail == "pushed"
+        assert "dedupe" in (await sink.deliver(entry, b"abc")).detail
+        assert len(jobs(redis)) == 1
+        await sink.deliver(entry, b"abc", force=True)
+        assert len(jobs(redis)) == 2
+    finally:
+        await client.aclose()
+
+
+async def test_redis_down_under_load_loses_and_doubles_nothing(
+    start_gateway: StartGateway, redis: Any, tmp_path: Path
+) -> None:
+    gateway = await start_gateway(sidekiq_config(tmp_path / "spool", redis), backoff_base=0.05)
+    redis.stop()
+
+    async def session(number: int) -> int:
+        client = await gateway.client()
+        accepted = 0
+        for index in range(25):
+            done = await client.send("a@example.org", [REPLY_RCPT], numbered_message(number * 1000 + index))
+            accepted += done.results[0].startswith("250 2.0.0")
+        await client.quit()
+        return accepted
+
+    accepted = sum(await asyncio.gather(*(session(n) for n in range(4))))
+    assert accepted == 100  # the journal answers for Redis
+    await eventually(lambda: gateway.gateway.dispatcher.stats.transient >= 100, what="failed attempts while down")
+    assert not gateway.gateway.dispatcher.stats.delivered
+    redis.start()
+    await eventually(lambda: len(jobs(redis)) == 100, timeout=30, what="all 100 jobs after Redis returns")
+    await eventually(lambda: gateway.gateway.dispatcher.backlog == 0, what="empty backlog")
+    subjects = Counter(re.search(r"Subject: message (\d+)", job["args"][0])[1] for job in jobs(redis))
+    assert len(subjects) == 100 and set(subjects.values()) == {1}
+
+
+def _send_until(address: str, stop: float, start_number: int, acknowledged: set[int]) -> int:
+    """Send messages until `stop` (monotonic) or until the server dies; record every 250."""
+
+    async def run() -> int:
+        number = start_number
+        try:
+            client = await LmtpClient.connect(address)
+            await client.lhlo()
+            while time.monotonic() < stop:
+                done = await client.send("a@example.org", [REPLY_RCPT], numbered_message(number))
+                if done.results and done.results[0].startswith("250 2.0.0"):
+                    acknowledged.add(number)
+                number += 1
+        except (ConnectionError, OSError, asyncio.IncompleteReadError, TimeoutError):
+            pass
+        return number
+
+    return asyncio.run(run())
+
+
+async def test_kill_9_during_load_every_250_ends_in_redis_exactly_once(
+    gateway_process: Any, redis: Any, tmp_path: Path
+) -> None:
+    sections = {
+        "incoming_email": {"delivery_method": "sidekiq"},
+        "service_desk_email": {"delivery_method": "sidekiq"},
+        "redis": {"url": redis.url},
+    }
+    process = gateway_process(**sections)
+    acknowledged: set[int] = set()
+    number = 0
+    for _round in range(5):
+        stop = time.monotonic() + random.uniform(0.3, 0.8)
+        sender = asyncio.to_thread(_send_until, process.address, stop + 5, number, acknowledged)
+        task = asyncio.ensure_future(sender)
+        await asyncio.sleep(max(0.0, stop - time.monotonic()))
+        process.kill()  # SIGKILL while the client is mid-stream
+        number = await task + 1
+        process.start()
+    assert len(acknowledged) > 50, "the load was too small to mean anything"
+    await eventually(lambda: len(jobs(redis)) >= len(acknowledged), timeout=30, what="recovery after the last kill")
+    delivered = Counter(int(re.search(r"Subject: message (\d+)", job["args"][0])[1]) for job in jobs(redis))
+    assert acknowledged <= set(delivered), f"lost: {sorted(acknowledged - set(delivered))[:10]}"
+    assert set(delivered.values()) == {1}, "a message was pushed twice"
+    assert process.terminate() == 0
