@@ -154,7 +154,9 @@ def serve(
 def _journal(config: Config) -> Journal:
     journal = Journal(config.spool.path, fsync=config.spool.fsync)
     if not journal.root.is_dir():
-        raise click.ClickException(f"{journal.root}: no journal here (spool.path in {config.source})")
+        click.echo(
+            f"note: no journal at {journal.root} yet (spool.path in {config.source}): nothing received", err=True
+        )
     return journal
 
 

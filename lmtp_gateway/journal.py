@@ -322,6 +322,8 @@ class Journal:
 
     def entries(self, *states: State) -> Iterator[Entry]:
         for state in states or tuple(State):
+            if not self.state_dir(state).is_dir():
+                continue
             for path in self.state_dir(state).glob("*.json"):
                 try:
                     yield Entry.from_json(path.read_bytes())
