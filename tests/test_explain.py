@@ -19,17 +19,13 @@ CORPUS = SHARED / "corpus" / "gitlab"
 
 
 def lmtp_gateway() -> str:
-    found = shutil.which("lmtp-gateway", path=str(Path(sys.executable).parent)) or shutil.which(
-        "lmtp-gateway"
-    )
+    found = shutil.which("lmtp-gateway", path=str(Path(sys.executable).parent)) or shutil.which("lmtp-gateway")
     assert found, "the console script lmtp-gateway is not installed: pip install -e ."
     return found
 
 
 def explain(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
-        [lmtp_gateway(), "explain", *args], input=stdin, capture_output=True, timeout=60, check=False
-    )
+    return subprocess.run([lmtp_gateway(), "explain", *args], input=stdin, capture_output=True, timeout=60, check=False)
 
 
 def explain_json(*args: str, stdin: bytes | None = None) -> dict[str, Any]:

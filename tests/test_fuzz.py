@@ -42,9 +42,7 @@ def test_headers_never_raise_and_have_clean_names(raw: bytes) -> None:
         assert "\n" not in value
 
 
-@given(
-    st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126, exclude_characters="<>"), min_size=1)
-)
+@given(st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126, exclude_characters="<>"), min_size=1))
 def test_key_round_trips_through_the_template(key: str) -> None:
     template = TABLE.template("incoming_email")
     assert template is not None

@@ -100,9 +100,9 @@ def test_envelope_headers() -> None:
     assert envelope_headers(None, None) == b""
 
 
-lines = st.lists(
-    st.binary(max_size=120).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")), max_size=40
-).map(lambda ls: b"".join(line + b"\r\n" for line in ls))
+lines = st.lists(st.binary(max_size=120).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")), max_size=40).map(
+    lambda ls: b"".join(line + b"\r\n" for line in ls)
+)
 
 
 @settings(max_examples=300)

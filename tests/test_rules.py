@@ -253,9 +253,7 @@ def test_both_mailboxes_first_candidate_decides(table: RoutingTable) -> None:
 
 
 def test_incoming_template_is_tried_before_service_desk() -> None:
-    overlapping = RoutingTable.build(
-        "h", {"incoming_email": "in+%{key}@host", "service_desk_email": "in+%{key}@host"}
-    )
+    overlapping = RoutingTable.build("h", {"incoming_email": "in+%{key}@host", "service_desk_email": "in+%{key}@host"})
     assert route(overlapping, message(f"To: in+{REPLY_KEY}@host")).mailbox == "incoming_email"
 
 
@@ -305,9 +303,7 @@ def test_dedicated_address_finds_key_in_references_only() -> None:
 
 
 def test_dedicated_envelope_restricts_to_its_mailbox() -> None:
-    both = RoutingTable.build(
-        "localhost", {"incoming_email": "reply@host", "service_desk_email": "desk+%{key}@host"}
-    )
+    both = RoutingTable.build("localhost", {"incoming_email": "reply@host", "service_desk_email": "desk+%{key}@host"})
     raw = message("To: desk+slug-key@host", f"References: <reply-{REPLY_KEY}@localhost>")
     verdict = route(both, raw, rcpt="reply@host")
     assert (verdict.mailbox, verdict.source) == ("incoming_email", "references")
