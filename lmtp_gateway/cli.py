@@ -264,14 +264,12 @@ async def _replay(
         if selection is not None:
             journal = _journal(config)
             entries = replaying.select(journal, selection)
-            with _progress(len(entries), "replaying") as step:
+            with _Progress(len(entries), "replaying") as step:
                 return await replaying.replay_entries(journal, sinks, entries, dry_run=dry_run, progress=step)
-        journal.root.mkdir(parents=True, exist_ok=True)
-        for state_dir in ("tmp", *[s.value for s in State]):
-            (journal.root / state_dir).mkdir(exist_ok=True)
+        journal.ensure_layout()
         dispatcher = Dispatcher(journal, sinks)
         intake = Intake(config.routing, journal, None if dry_run else dispatcher)
-        with _progress(len(files), "ingesting") as step:
+        with _Progress(len(files), "ingesting") as step:
             lines = await replaying.ingest_files(
                 intake, config.routing, files, rcpt=rcpt, mail_from=mail_from, dry_run=dry_run, progress=step
             )
@@ -302,7 +300,7 @@ async def _deliver_now(dispatcher: Any, lines: list[Any]) -> None:
                 line.detail += f" (stays pending: {failed[line.detail]})"
 
 
-class _progress:
+class _Progress:
     """A progress bar on standard error for long runs on a terminal; silent otherwise."""
 
     def __init__(self, total: int, label: str) -> None:

@@ -61,8 +61,6 @@ class Dispatcher:
         self._sequence = itertools.count()
         self._retry_changed = asyncio.Event()
         self._in_flight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
         self._known: set[str] = set()
 
     # --- feeding ---
@@ -73,21 +71,12 @@ class Dispatcher:
             return  # a Postfix retry of a message still on its way
         self._known.add(entry.id)
         self._in_flight += 1
-        self._idle.clear()
         entry.extra.setdefault("submitted_at", self.clock())
         self._ready.put_nowait(entry)
 
     def _schedule(self, entry: Entry, due: float) -> None:
         heapq.heappush(self._retry, (due, next(self._sequence), entry))
         self._retry_changed.set()
-
-    def retry_now(self) -> int:
-        """Move every waiting retry to the front (``--once`` and shutdown flushes use this)."""
-        count = len(self._retry)
-        while self._retry:
-            _, _, entry = heapq.heappop(self._retry)
-            self._ready.put_nowait(entry)
-        return count
 
     @property
     def backlog(self) -> int:
@@ -99,10 +88,6 @@ class Dispatcher:
     async def flush(self) -> None:
         """Until every entry handed in so far has had its attempt (retries waiting for later do not count)."""
         await self._ready.join()
-
-    async def wait_idle(self) -> None:
-        """Until nothing is queued or being delivered (entries waiting for a retry count as queued)."""
-        await self._idle.wait()
 
     # --- running ---
 
@@ -206,5 +191,3 @@ class Dispatcher:
     def _done(self, entry: Entry) -> None:
         self._known.discard(entry.id)
         self._in_flight -= 1
-        if self._in_flight == 0:
-            self._idle.set()

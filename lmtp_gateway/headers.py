@@ -27,13 +27,6 @@ class Headers:
         wanted = name.lower()
         return [value for field, value in self.fields if field.lower() == wanted]
 
-    def first(self, name: str) -> str | None:
-        values = self.get_all(name)
-        return values[0] if values else None
-
-    def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and bool(self.get_all(name))
-
 
 def header_block(raw: bytes) -> bytes:
     """The bytes before the first empty line (the whole input when there is none)."""

@@ -22,7 +22,6 @@ import os
 import re
 import socket
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -77,19 +76,6 @@ class DataDecoder:
         if lines.startswith(b"."):
             lines = lines[1:]
         return lines.replace(b"\n.", b"\n")
-
-
-@dataclass
-class Transaction:
-    """What one LMTP transaction accepted so far, kept on aiosmtpd's envelope."""
-
-    accepted: list[str] = field(default_factory=list)
-
-
-class GatewayEnvelope(Envelope):
-    def __init__(self) -> None:
-        super().__init__()
-        self.transaction = Transaction()
 
 
 # Enhanced codes for aiosmtpd's own replies, which have none (RFC 3463).
@@ -147,13 +133,6 @@ class LmtpSession(LMTP):
         self.server = server
         self.busy = False
 
-    def _create_envelope(self) -> GatewayEnvelope:
-        return GatewayEnvelope()
-
-    def _gateway_envelope(self) -> GatewayEnvelope:
-        assert isinstance(self.envelope, GatewayEnvelope)
-        return self.envelope
-
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.server.sessions.add(self)
@@ -200,8 +179,9 @@ class LmtpSession(LMTP):
     async def smtp_DATA(self, arg: str | None) -> None:
         if await self.check_helo_needed("LHLO"):
             return
-        envelope = self._gateway_envelope()
-        rcpts = list(envelope.transaction.accepted)
+        envelope = self.envelope
+        assert envelope is not None
+        rcpts = list(envelope.rcpt_tos)  # only accepted recipients: handle_RCPT appends them
         if envelope.mail_from is None:
             await self.push("503 5.5.1 Error: need MAIL command")
             return
@@ -354,9 +334,7 @@ class LmtpServer:
                 extra={"event": "rejected", "rcpt": address, "reason": found.reason, "mail_from": envelope.mail_from},
             )
             return f"550 5.1.1 <{address}> {found.reason}"
-        assert isinstance(envelope, GatewayEnvelope)
         envelope.rcpt_tos.append(address)
-        envelope.transaction.accepted.append(address)
         return "250 2.1.5 Recipient ok"
 
     async def handle_RSET(self, server: LmtpSession, session: Session, envelope: Envelope):

@@ -201,10 +201,15 @@ class Journal:
     def _json_path(self, entry: Entry) -> Path:
         return self.state_dir(entry.state) / f"{entry.id}.json"
 
-    def open(self) -> list[Entry]:
-        """Create the layout, clear uncommitted files, repair interrupted state changes; return pending."""
+    def ensure_layout(self) -> None:
+        """Create the directories; safe while a daemon uses the journal (unlike `open`)."""
         for directory in (self.tmp, *(self.state_dir(s) for s in State)):
             directory.mkdir(parents=True, exist_ok=True, mode=0o750)
+
+    def open(self) -> list[Entry]:
+        """For the journal's owner at start-up: create the layout, clear uncommitted files, repair interrupted
+        state changes; return the pending entries."""
+        self.ensure_layout()
         for leftover in self.tmp.iterdir():
             with contextlib.suppress(OSError):
                 leftover.unlink()
