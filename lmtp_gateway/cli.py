@@ -152,7 +152,7 @@ def serve(
 
 
 def _journal(config: Config) -> Journal:
-    journal = Journal(config.spool.path, fsync=config.spool.fsync)
+    journal = Journal(config.spool.path, sync=config.spool.sync)
     if not journal.root.is_dir():
         click.echo(
             f"note: no journal at {journal.root} yet (spool.path in {config.source}): nothing received", err=True
@@ -259,7 +259,7 @@ async def _replay(
         sinks = build_sinks(config)
     except ConfigError as error:
         raise click.ClickException(str(error)) from None
-    journal = Journal(config.spool.path, fsync=config.spool.fsync)
+    journal = Journal(config.spool.path, sync=config.spool.sync)
     try:
         if selection is not None:
             journal = _journal(config)

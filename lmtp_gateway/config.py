@@ -185,7 +185,7 @@ SCHEMA: Schema = {
         "namespace": _string,
         "timestamp_style": _choice(*TIMESTAMP_STYLES),
     },
-    "spool": {"path": _string, "retention": parse_duration, "fsync": _boolean},
+    "spool": {"path": _string, "retention": parse_duration, "sync": _choice("fsync", "syncfs", "off")},
 }
 
 
@@ -252,7 +252,7 @@ class RedisConfig:
 class SpoolConfig:
     path: Path
     retention: int = DEFAULT_RETENTION
-    fsync: bool = True
+    sync: str = "fsync"  # fsync | syncfs | off (throwaway set-ups only)
 
 
 @dataclass(frozen=True)
@@ -403,7 +403,7 @@ def _build(data: dict[str, Any], source: str, default_delivery: str, warnings: t
         spool=SpoolConfig(
             path=Path(spool["path"]).expanduser() if "path" in spool else default_spool_path(),
             retention=spool.get("retention", DEFAULT_RETENTION),
-            fsync=spool.get("fsync", True),
+            sync=spool.get("sync", "fsync"),
         ),
         warnings=warnings,
     )

@@ -31,7 +31,7 @@ class Gateway:
 
     def __init__(self, config: Config, *, sinks: Sinks | None = None, backoff_base: float = 1.0) -> None:
         self.config = config
-        self.journal = Journal(config.spool.path, fsync=config.spool.fsync)
+        self.journal = Journal(config.spool.path, sync=config.spool.sync)
         self.sinks = sinks if sinks is not None else build_sinks(config)
         self.dispatcher = Dispatcher(self.journal, self.sinks, backoff_base=backoff_base)
         self.intake = Intake(config.routing, self.journal, self.dispatcher)

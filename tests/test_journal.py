@@ -128,3 +128,29 @@ def test_data_decoder_flags_long_lines_and_still_finds_the_end() -> None:
     assert decoder.done and decoder.line_too_long
     assert decoder.leftover == b"QUIT\r\n"
     assert b"x" not in out  # the long line was not buffered
+
+
+async def test_an_entry_cut_short_before_its_sync_is_set_aside(tmp_path: Path) -> None:
+    journal = Journal(tmp_path)
+    journal.open()
+    short, whole = new_entry("2" * 24), new_entry("3" * 24)
+    for entry in (short, whole):
+        await commit(journal, entry, body=b"the whole message\r\n")
+    with open(tmp_path / "pending" / f"{'2' * 24}.eml", "r+b") as handle:
+        handle.truncate(4)  # what a crash before the flush can leave behind
+    (tmp_path / "pending" / f"{'4' * 24}.json").write_bytes(b'{"id": "44')  # torn metadata
+    (tmp_path / "pending" / f"{'4' * 24}.eml").write_bytes(b"x")
+    pending = Journal(tmp_path).open()
+    assert [e.id for e in pending] == ["3" * 24]
+    assert sorted(p.name for p in (tmp_path / "quarantine").iterdir()) == sorted(
+        f"{n * 24}.{ext}" for n in "24" for ext in ("eml", "json")
+    )
+
+
+async def test_syncfs_and_off_commit_too(tmp_path: Path) -> None:
+    for method in ("syncfs", "off"):
+        journal = Journal(tmp_path / method, sync=method)
+        journal.open()
+        await commit(journal, new_entry("5" * 24))
+        assert journal.find("5" * 24) is not None
+        journal.close()
