@@ -56,7 +56,7 @@ class Dispatcher:
         self.backoff_cap = backoff_cap
         self.clock = clock
         self.stats = DispatchStats()
-        self._ready: asyncio.Queue[Entry] = asyncio.Queue()
+        self._ready: asyncio.Queue[tuple[Entry, bytes | None]] = asyncio.Queue()
         self._retry: list[tuple[float, int, Entry]] = []
         self._sequence = itertools.count()
         self._retry_changed = asyncio.Event()
@@ -65,14 +65,15 @@ class Dispatcher:
 
     # --- feeding ---
 
-    def submit(self, entry: Entry) -> None:
-        """Deliver `entry` as soon as a worker is free (it is already committed in the journal)."""
+    def submit(self, entry: Entry, raw: bytes | None = None) -> None:
+        """Deliver `entry` as soon as a worker is free (it is already committed in the journal). `raw` is the
+        stored message when the caller still holds it; otherwise it is read from the journal."""
         if entry.id in self._known:
             return  # a Postfix retry of a message still on its way
         self._known.add(entry.id)
         self._in_flight += 1
         entry.extra.setdefault("submitted_at", self.clock())
-        self._ready.put_nowait(entry)
+        self._ready.put_nowait((entry, raw))
 
     def _schedule(self, entry: Entry, due: float) -> None:
         heapq.heappush(self._retry, (due, next(self._sequence), entry))
@@ -103,31 +104,32 @@ class Dispatcher:
             now = self.clock()
             while self._retry and self._retry[0][0] <= now:
                 _, _, entry = heapq.heappop(self._retry)
-                self._ready.put_nowait(entry)
+                self._ready.put_nowait((entry, None))
             timeout = self._retry[0][0] - now if self._retry else None
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._retry_changed.wait(), timeout)
 
     async def _worker(self) -> None:
         while True:
-            entry = await self._ready.get()
+            entry, raw = await self._ready.get()
             try:
-                if not self.journal.exists(entry):  # finished meanwhile (another process, a stale rescan)
+                if raw is None and not self.journal.exists(entry):  # finished meanwhile (a stale rescan)
                     self._done(entry)
                     continue
-                outcome = await self._attempt(entry)
-                self._record(entry, outcome)
+                outcome = await self._attempt(entry, raw)
+                await self._record(entry, outcome)
             except OSError as error:  # the journal could not record it: keep the entry, try again later
                 log.error("journal: cannot record outcome of %s: %s", entry.id, error)
                 self._schedule(entry, self.clock() + self.backoff_cap)
             finally:
                 self._ready.task_done()
 
-    async def _attempt(self, entry: Entry) -> Outcome:
+    async def _attempt(self, entry: Entry, raw: bytes | None) -> Outcome:
         if entry.mailbox is None:
             return Permanent("entry has no mailbox")
         try:
-            raw = await asyncio.to_thread(self.journal.read_message, entry)
+            if raw is None:
+                raw = await asyncio.to_thread(self.journal.read_message, entry)
         except FileNotFoundError:
             return Permanent("message file missing from the journal")
         except OSError as error:
@@ -142,14 +144,14 @@ class Dispatcher:
             log.exception("sink %s raised while delivering %s", sink.name, entry.id)
             return Transient(f"{sink.name}: unexpected {type(error).__name__}")
 
-    def _record(self, entry: Entry, outcome: Outcome) -> None:
+    async def _record(self, entry: Entry, outcome: Outcome) -> None:
         entry.attempts += 1
         entry.sink = self.sinks[entry.mailbox].name if entry.mailbox in self.sinks.by_mailbox else None
         match outcome:
             case Delivered(detail):
                 entry.last_error = None
                 entry.next_attempt_at = None
-                self.journal.move(entry, State.DELIVERED)
+                await self.journal.move(entry, State.DELIVERED)
                 self.stats.delivered += 1
                 self.stats.latencies.append(self.clock() - entry.extra.get("submitted_at", self.clock()))
                 log.info(
@@ -166,7 +168,7 @@ class Dispatcher:
             case Permanent(reason):
                 entry.last_error = reason
                 entry.next_attempt_at = None
-                self.journal.move(entry, State.FAILED, durable=True)
+                await self.journal.move(entry, State.FAILED, durable=True)
                 self.stats.failed += 1
                 log.error(
                     "failed permanently: %s",
@@ -178,7 +180,7 @@ class Dispatcher:
                 delay = backoff_delay(entry.attempts, self.backoff_base, self.backoff_cap)
                 entry.last_error = reason
                 entry.next_attempt_at = self.clock() + delay
-                self.journal.update(entry)
+                await self.journal.update(entry)
                 self.stats.transient += 1
                 log.warning(
                     "temporary failure, retry in %.1fs: %s",

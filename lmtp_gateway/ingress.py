@@ -28,15 +28,15 @@ from typing import Any, BinaryIO
 from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import Envelope, Session
 
-from lmtp_gateway.intake import Acceptance, Intake, Received
-from lmtp_gateway.journal import JournalError, describe_os_error, envelope_headers
+from lmtp_gateway.intake import HEAD_LIMIT, Acceptance, Intake, Received
+from lmtp_gateway.journal import Journal, JournalError, describe_os_error
 from lmtp_gateway.rules import RoutingTable, match_recipient
 
 log = logging.getLogger(__name__)
 
 MAX_LINE = 1000  # RFC 5321 4.5.3.1.6: 998 octets + CRLF; Postfix's LMTP client folds longer lines itself
 READ_SIZE = 256 * 1024
-HEAD_LIMIT = 1 << 20  # the rules read headers only; keep at most this much of the message in memory
+SPILL_SIZE = 1 << 20  # messages up to this size stay in memory until they are committed
 
 
 class DataDecoder:
@@ -204,18 +204,13 @@ class LmtpSession(LMTP):
 
     async def _receive_and_commit(self, mail_from: str, rcpts: list[str]) -> list[str]:
         """Read DATA and answer for each recipient. Only a lost connection escapes (nothing half-written counts:
-        the tmp file is discarded and no reply is due)."""
+        a spilled file is removed and no reply is due)."""
         limit = self.data_size_limit
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        spool = _DataSpool(self.server.intake.journal)
+        handed_over = False
         try:
-            path, handle = self.server.intake.journal.new_tmp()
-        except JournalError as error:
-            await self.push("354 5.0.0 End data with <CR><LF>.<CR><LF>")
-            await self._discard_data()
-            return [f"452 4.3.1 <{rcpt}> {error}; try again later" for rcpt in rcpts]
-        committed = False
-        try:
-            await self.push("354 End data with <CR><LF>.<CR><LF>")
-            received, problem = await self._read_data(path, handle, mail_from, rcpts[0], limit)
+            received, problem = await self._read_data(spool, limit)
             if problem == "size":
                 return [f"552 5.3.4 <{rcpt}> message exceeds the size limit of {limit} bytes" for rcpt in rcpts]
             if problem == "line":
@@ -223,7 +218,7 @@ class LmtpSession(LMTP):
             if problem:
                 return [f"452 4.3.1 <{rcpt}> {problem}; try again later" for rcpt in rcpts]
             assert received is not None
-            committed = True  # from here the intake owns (and always removes) the tmp file
+            handed_over = True  # from here the intake owns (and always removes) a spilled file
             try:
                 # Shielded: once the whole message is here, a client hanging up must not cut a commit in half.
                 acceptances = await asyncio.shield(
@@ -236,26 +231,17 @@ class LmtpSession(LMTP):
                 return [f"451 4.3.0 <{rcpt}> internal error, try again later" for rcpt in rcpts]
             return [data_reply(a, rcpt) for a, rcpt in zip(acceptances, rcpts, strict=True)]
         finally:
-            with contextlib.suppress(OSError):
-                handle.close()
-            if not committed:
-                self.server.intake.journal.discard(path)
+            if not handed_over:
+                spool.discard()
 
-    async def _read_data(
-        self, path: Path, handle: BinaryIO, mail_from: str, first_rcpt: str, limit: int | None
-    ) -> tuple[Received | None, str | None]:
-        """Stream DATA into `handle`. Returns (received, None) or (None, problem) once the end marker was read;
-        a problem never stops the reading, so the client always gets its replies at the right place."""
+    async def _read_data(self, spool: _DataSpool, limit: int | None) -> tuple[Received | None, str | None]:
+        """Read DATA to its end. Returns (received, None) or (None, problem); a problem never stops the reading,
+        so the client always gets its replies at the right place."""
         decoder = DataDecoder()
         digest = hashlib.sha256()
         head = bytearray()
         size = 0
         problem: str | None = None
-        prefix = envelope_headers(mail_from, first_rcpt)
-        try:
-            handle.write(prefix)
-        except OSError as error:
-            problem = describe_os_error(error)
         while not decoder.done:
             chunk = await self._reader.read(READ_SIZE)
             if not chunk:
@@ -271,29 +257,58 @@ class LmtpSession(LMTP):
                 digest.update(data)
                 if len(head) < HEAD_LIMIT:
                     head += data[: HEAD_LIMIT - len(head)]
-                try:
-                    handle.write(data)
-                except OSError as error:
-                    problem = describe_os_error(error)
+                problem = spool.write(data)
         if decoder.leftover:  # commands pipelined past the end of DATA: give them back to the command loop
             self._reader._buffer[:0] = decoder.leftover  # type: ignore[attr-defined]
-        try:
-            handle.close()  # flushes: a full disk may only show here
-        except OSError as error:
-            problem = problem or describe_os_error(error)
+        body, trouble = spool.finish()
+        problem = problem or trouble
         if problem:
             return None, problem
-        return Received(path, len(prefix), digest.digest(), bytes(head), size), None
+        return Received(body, digest.digest(), bytes(head), size), None
 
-    async def _discard_data(self) -> None:
-        decoder = DataDecoder()
-        while not decoder.done:
-            chunk = await self._reader.read(READ_SIZE)
-            if not chunk:
-                raise ConnectionResetError("client closed the connection during DATA")
-            decoder.feed(chunk)
-        if decoder.leftover:
-            self._reader._buffer[:0] = decoder.leftover  # type: ignore[attr-defined]
+
+class _DataSpool:
+    """Where a message goes while it arrives: memory, or past SPILL_SIZE a file in the journal's tmp/."""
+
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+        self.memory = bytearray()
+        self.path: Path | None = None
+        self.handle: BinaryIO | None = None
+
+    def write(self, data: bytes) -> str | None:
+        """Keep `data`; a problem (disk full…) as text, to be answered once DATA is over."""
+        try:
+            if self.handle is None and len(self.memory) + len(data) <= SPILL_SIZE:
+                self.memory += data
+                return None
+            if self.handle is None:
+                self.path, self.handle = self.journal.new_tmp()
+                self.handle.write(self.memory)
+                self.memory = bytearray()
+            self.handle.write(data)
+        except JournalError as error:
+            return str(error)
+        except OSError as error:
+            return describe_os_error(error)
+        return None
+
+    def finish(self) -> tuple[bytes | Path, str | None]:
+        if self.handle is None:
+            return bytes(self.memory), None
+        try:
+            self.handle.close()  # flushes: a full disk may only show here
+        except OSError as error:
+            return b"", describe_os_error(error)
+        assert self.path is not None
+        return self.path, None
+
+    def discard(self) -> None:
+        if self.handle is not None:
+            with contextlib.suppress(OSError):
+                self.handle.close()
+        if self.path is not None:
+            self.journal.discard(self.path)
 
 
 class LmtpServer:

@@ -15,10 +15,12 @@ from pathlib import Path
 
 from lmtp_gateway.dispatch import Dispatcher
 from lmtp_gateway.headers import parse_headers
-from lmtp_gateway.journal import ID_LENGTH, Draft, Entry, Journal, JournalError, State, envelope_headers, fingerprint
+from lmtp_gateway.journal import ID_LENGTH, Draft, Entry, Journal, State, envelope_headers, fingerprint
 from lmtp_gateway.rules import RoutingTable, Verdict, route
 
 log = logging.getLogger(__name__)
+
+HEAD_LIMIT = 1 << 20  # the rules read headers only; keep at most this much of a message for them
 
 
 @dataclass(frozen=True)
@@ -31,13 +33,12 @@ class Acceptance:
 
 @dataclass
 class Received:
-    """A message written to a tmp file in the journal, with what was learnt while reading it."""
+    """A message as received, with what was learnt while reading it."""
 
-    path: Path
-    prefix_length: int  # bytes of envelope headers written before the message (for the first recipient)
-    digest: bytes  # sha256 of the message as received (without our prefix)
+    body: bytes | Path  # in memory, or (large) a file in the journal's tmp/
+    digest: bytes  # sha256 of the message as received
     head: bytes  # the header block and the start of the body: all the rules read
-    size: int  # of the message as received
+    size: int
 
 
 class Intake:
@@ -46,18 +47,10 @@ class Intake:
         self.journal = journal
         self.dispatcher = dispatcher
 
-    def store(self, raw: bytes, mail_from: str | None, first_rcpt: str | None) -> Received:
-        """Write a message held in memory (replay, collectors) the way LMTP streams one."""
-        path, handle = self.journal.new_tmp()
-        prefix = envelope_headers(mail_from, first_rcpt)
-        try:
-            with handle:
-                handle.write(prefix)
-                handle.write(raw)
-        except OSError as error:
-            self.journal.discard(path)
-            raise JournalError(str(error)) from error
-        return Received(path, len(prefix), hashlib.sha256(raw).digest(), raw[: 1 << 20], len(raw))
+    @staticmethod
+    def received(raw: bytes) -> Received:
+        """A message held in memory (replay, collectors), described the way LMTP describes what it streamed."""
+        return Received(raw, hashlib.sha256(raw).digest(), raw[:HEAD_LIMIT], len(raw))
 
     async def accept(
         self,
@@ -69,11 +62,12 @@ class Intake:
         mailbox: str | None = None,
     ) -> list[Acceptance]:
         """Route, dedupe and commit one copy per recipient. Raises JournalError when nothing could be committed;
-        the tmp file is always consumed."""
+        a body spilled to tmp/ is always removed."""
         try:
             return await self._accept(received, mail_from, rcpts, ingress, mailbox)
         finally:
-            self.journal.discard(received.path)
+            if isinstance(received.body, Path):
+                self.journal.discard(received.body)
 
     async def _accept(
         self, received: Received, mail_from: str | None, rcpts: list[str | None], ingress: str, mailbox: str | None
@@ -82,7 +76,7 @@ class Intake:
         now = time.time()
         results: list[Acceptance] = []
         drafts: list[Draft] = []
-        for index, rcpt in enumerate(rcpts):
+        for rcpt in rcpts:
             verdict = route(self.table, received.head, rcpt=rcpt, mailbox=mailbox, headers=headers)
             if verdict.verdict == "reject":
                 results.append(Acceptance(rcpt, verdict))
@@ -111,14 +105,7 @@ class Intake:
                 reason=verdict.reason,
                 size=received.size,
             )
-            if index == 0:
-                drafts.append(self._claim(received, entry))
-            else:
-                drafts.append(
-                    self.journal.draft_copy(
-                        received.path, received.prefix_length, envelope_headers(mail_from, rcpt), entry
-                    )
-                )
+            drafts.append(Draft(entry, envelope_headers(mail_from, rcpt), received.body))
             results.append(Acceptance(rcpt, verdict, entry))
         await self.journal.commit(drafts)
         for draft in drafts:
@@ -138,12 +125,6 @@ class Intake:
                 },
             )
             if entry.state is State.PENDING and self.dispatcher is not None:
-                self.dispatcher.submit(entry)
+                in_memory = draft.prefix + draft.body if isinstance(draft.body, bytes) else None
+                self.dispatcher.submit(entry, in_memory)  # the first attempt needs no read from disk
         return results
-
-    def _claim(self, received: Received, entry: Entry) -> Draft:
-        """The first recipient takes the streamed file itself: no copy in the common single-recipient case."""
-        claimed = received.path.with_suffix(".eml")
-        received.path.rename(claimed)
-        received.path = claimed
-        return Draft(entry, claimed)

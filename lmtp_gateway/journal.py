@@ -32,7 +32,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
@@ -111,10 +111,12 @@ class Entry:
 
 @dataclass
 class Draft:
-    """One copy of an incoming message about to be committed."""
+    """One copy of an incoming message about to be committed: our envelope headers, then the message, which is
+    in memory or (when large) in a file under tmp/ that several drafts of one transaction share."""
 
     entry: Entry
-    tmp_path: Path
+    prefix: bytes
+    body: bytes | Path
 
 
 SYNC_METHODS = ("fsync", "syncfs", "off")
@@ -144,35 +146,51 @@ def _syncfs(path: Path) -> None:
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
-class _GroupSync:
-    """Durability for many sessions at once: one thread makes everything asked for since its last round durable,
-    then wakes every caller of that round. Under load a round covers many messages, so the disk sees one flush
-    per round instead of three per message.
+@dataclass
+class _Change:
+    """One change to the journal's files, run by the writer thread. `run` returns the paths that must be made
+    durable (files, directories), or None when the change need not wait for the disk."""
 
-    ``fsync`` flushes exactly the files and directories given; ``syncfs`` flushes the journal's whole file
-    system in one call (faster when the spool has a file system of its own, slower on a busy shared one).
+    run: Callable[[], tuple[list[Path], list[Path]] | None]
+    undo: Callable[[], None]
+    future: asyncio.Future[None]
+    loop: asyncio.AbstractEventLoop
+
+
+class _Writer:
+    """The one thread that changes the journal's files, in rounds.
+
+    A round takes every change asked for since the last one, runs them in order, then makes what the durable
+    ones wrote reach the disk in one go, and only then answers their callers. Under load a round covers many
+    sessions, so the disk sees one flush per round instead of three per message, and the event loop never
+    waits for the file system (creating a file while the journal is being flushed can take milliseconds).
+
+    ``fsync`` flushes exactly the files and directories given; ``syncfs`` flushes the journal's whole file system
+    in one call (faster when the spool has a file system of its own, slower on a busy shared one).
     """
 
     def __init__(self, root: Path, method: str) -> None:
         self.root = root
         self.method = method
         self._lock = threading.Condition()
-        self._queue: list[tuple[list[Path], list[Path], asyncio.Future[None], asyncio.AbstractEventLoop]] = []
+        self._queue: list[_Change] = []
         self._thread: threading.Thread | None = None
         self._closed = False
 
-    async def sync(self, files: list[Path], directories: list[Path]) -> None:
-        if self.method == "off":
-            return
+    async def change(
+        self,
+        run: Callable[[], tuple[list[Path], list[Path]] | None],
+        undo: Callable[[], None] = lambda: None,
+    ) -> None:
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
+        change = _Change(run, undo, loop.create_future(), loop)
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="journal-sync", daemon=True)
+                self._thread = threading.Thread(target=self._run, name="journal-writer", daemon=True)
                 self._thread.start()
-            self._queue.append((files, directories, future, loop))
+            self._queue.append(change)
             self._lock.notify()
-        await future
+        await change.future
 
     def _run(self) -> None:
         while True:
@@ -182,19 +200,42 @@ class _GroupSync:
                 if self._closed and not self._queue:
                     return
                 batch, self._queue = self._queue, []
-            error: BaseException | None = None
-            try:
-                if self.method == "syncfs":
-                    _syncfs(self.root)
-                else:
-                    for path in {p for files, _, _, _ in batch for p in files}:
-                        _fsync_path(path)
-                    for path in {p for _, dirs, _, _ in batch for p in dirs}:
-                        _fsync_path(path, directory=True)
-            except OSError as caught:
-                error = caught
-            for _, _, future, loop in batch:
-                loop.call_soon_threadsafe(_settle, future, error)
+            outcomes: list[tuple[_Change, BaseException | None]] = []
+            files: set[Path] = set()
+            directories: set[Path] = set()
+            durable: list[_Change] = []
+            for change in batch:
+                try:
+                    paths = change.run()
+                except BaseException as error:  # reported to the caller, never kills the writer
+                    with contextlib.suppress(Exception):
+                        change.undo()
+                    outcomes.append((change, error))
+                    continue
+                if paths is not None:
+                    files.update(paths[0])
+                    directories.update(paths[1])
+                    durable.append(change)
+                outcomes.append((change, None))
+            if durable and self.method != "off":
+                try:
+                    self._flush(files, directories)
+                except OSError as error:
+                    for change in durable:
+                        with contextlib.suppress(Exception):
+                            change.undo()
+                    outcomes = [(c, error if c in durable else e) for c, e in outcomes]
+            for change, error in outcomes:
+                change.loop.call_soon_threadsafe(_settle, change.future, error)
+
+    def _flush(self, files: set[Path], directories: set[Path]) -> None:
+        if self.method == "syncfs":
+            _syncfs(self.root)
+            return
+        for path in files:
+            _fsync_path(path)
+        for path in directories:
+            _fsync_path(path, directory=True)
 
     def close(self) -> None:
         with self._lock:
@@ -217,7 +258,7 @@ class Journal:
         self.sync = sync
         self.tmp = root / "tmp"
         self.quarantine = root / "quarantine"
-        self._sync = _GroupSync(root, sync)
+        self._writer = _Writer(root, sync)
 
     # --- layout ---
 
@@ -283,7 +324,7 @@ class Journal:
     # --- writing ---
 
     def new_tmp(self) -> tuple[Path, BinaryIO]:
-        """A fresh file in tmp/ to stream a message into."""
+        """A fresh file in tmp/ for a message too large to keep in memory while it arrives."""
         path = self.tmp / f"{uuid.uuid4().hex}.data"
         try:
             return path, open(path, "xb")
@@ -303,77 +344,78 @@ class Journal:
                 continue
         return None
 
-    def draft_copy(self, source: Path, skip: int, prefix: bytes, entry: Entry) -> Draft:
-        """A tmp copy of `source` (minus its first `skip` bytes) with `prefix` in front, for one more recipient."""
-        path = self.tmp / f"{entry.id}.{uuid.uuid4().hex[:8]}.eml"
-        try:
-            with open(source, "rb") as src, open(path, "xb") as dst:
-                dst.write(prefix)
-                src.seek(skip)
-                shutil.copyfileobj(src, dst, 1 << 20)
-        except OSError as error:
-            with contextlib.suppress(OSError):
-                path.unlink()
-            raise JournalError(describe_os_error(error)) from error
-        return Draft(entry, path)
-
     async def commit(self, drafts: list[Draft]) -> None:
         """Make every draft visible in its state directory and durable, or raise JournalError.
 
-        One round: write the metadata, rename both files into place, then one group sync for files and
-        directories. A crash before the sync can leave an entry whose file is short; it was never acknowledged,
-        and recovery sets it aside (its ``stored_size`` does not match).
+        The .eml is written under its final name (without metadata it does not exist for anyone, and recovery
+        removes it), then the metadata is renamed into place, then the round's flush. A crash before the flush
+        can leave an entry whose file is short; it was never acknowledged, and recovery sets it aside because
+        its ``stored_size`` does not match.
         """
         if not drafts:
             return
-        metas: list[Path] = []
         placed: list[Path] = []
-        try:
+
+        def run() -> tuple[list[Path], list[Path]]:
             for draft in drafts:
-                draft.entry.stored_size = draft.tmp_path.stat().st_size
-                meta = self.tmp / f"{draft.entry.id}.{uuid.uuid4().hex[:8]}.json"
-                meta.write_bytes(draft.entry.to_json())
-                metas.append(meta)
-            for draft, meta in zip(drafts, metas, strict=True):
-                os.replace(draft.tmp_path, self.eml_path(draft.entry))
-                placed.append(self.eml_path(draft.entry))
-                os.replace(meta, self._json_path(draft.entry))
-                placed.append(self._json_path(draft.entry))
-            directories = sorted({self.state_dir(d.entry.state) for d in drafts})
-            await self._sync.sync(placed, directories)
-        except OSError as error:
-            for path in [d.tmp_path for d in drafts] + metas + placed:
+                eml = self.eml_path(draft.entry)
+                placed.append(eml)
+                with open(eml, "wb") as handle:
+                    handle.write(draft.prefix)
+                    if isinstance(draft.body, bytes):
+                        handle.write(draft.body)
+                    else:
+                        with open(draft.body, "rb") as source:
+                            shutil.copyfileobj(source, handle, 1 << 20)
+                    draft.entry.stored_size = handle.tell()
+                placed.append(self._write_metadata(draft.entry))
+            return placed, sorted({self.state_dir(d.entry.state) for d in drafts})
+
+        def undo() -> None:
+            for path in placed:
                 with contextlib.suppress(OSError):
                     path.unlink()
+
+        try:
+            await self._writer.change(run, undo)
+        except OSError as error:
             raise JournalError(describe_os_error(error)) from error
+
+    def _write_metadata(self, entry: Entry) -> Path:
+        """Atomically (tmp + rename): readers never see half a .json."""
+        tmp = self.tmp / f"{entry.id}.{uuid.uuid4().hex[:8]}.json"
+        tmp.write_bytes(entry.to_json())
+        final = self._json_path(entry)
+        os.replace(tmp, final)
+        return final
 
     def discard(self, path: Path) -> None:
         with contextlib.suppress(OSError):
             path.unlink()
 
-    def update(self, entry: Entry) -> None:
-        """Rewrite an entry's metadata in place (attempts, last error); not fsynced: losing it loses nothing."""
-        path = self._json_path(entry)
-        tmp = self.tmp / f"{entry.id}.{uuid.uuid4().hex[:8]}.json"
-        tmp.write_bytes(entry.to_json())
-        os.replace(tmp, path)
+    async def update(self, entry: Entry) -> None:
+        """Rewrite an entry's metadata (attempts, last error); not flushed: losing it loses no mail."""
 
-    def move(self, entry: Entry, state: State, *, durable: bool = False) -> None:
+        def run() -> None:
+            self._write_metadata(entry)
+
+        await self._writer.change(run)
+
+    async def move(self, entry: Entry, state: State, *, durable: bool = False) -> None:
         """Change an entry's state: the .json first (the truth), then the .eml follows."""
         old_json, old_eml = self._json_path(entry), self.eml_path(entry)
         entry.state = state
         entry.finished_at = time.time() if state in FINISHED else None
-        tmp = self.tmp / f"{entry.id}.{uuid.uuid4().hex[:8]}.json"
-        tmp.write_bytes(entry.to_json())
-        if durable and self.sync != "off":
-            _fsync_path(tmp)
-        os.replace(tmp, self._json_path(entry))
-        if old_json != self._json_path(entry):
-            with contextlib.suppress(FileNotFoundError):
-                old_json.unlink()
-            os.replace(old_eml, self.eml_path(entry))
-        if durable and self.sync != "off":
-            _fsync_path(self.state_dir(state), directory=True)
+
+        def run() -> tuple[list[Path], list[Path]] | None:
+            new_json = self._write_metadata(entry)
+            if old_json != new_json:
+                with contextlib.suppress(FileNotFoundError):
+                    old_json.unlink()
+                os.replace(old_eml, self.eml_path(entry))
+            return ([new_json], [self.state_dir(state)]) if durable else None
+
+        await self._writer.change(run)
 
     # --- reading ---
 
@@ -411,7 +453,7 @@ class Journal:
         return removed
 
     def close(self) -> None:
-        self._sync.close()
+        self._writer.close()
 
 
 def describe_os_error(error: OSError) -> str:

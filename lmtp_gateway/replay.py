@@ -94,15 +94,15 @@ async def _replay_entry(journal: Journal, sinks: Sinks, entry: Entry, dry_run: b
     match outcome:
         case Delivered(detail):
             entry.last_error = None
-            journal.move(entry, State.DELIVERED)
+            await journal.move(entry, State.DELIVERED)
             return ReplayLine(entry.id, "delivered", detail)
         case Permanent(reason):
             entry.last_error = reason
-            journal.move(entry, State.FAILED, durable=True)
+            await journal.move(entry, State.FAILED, durable=True)
             return ReplayLine(entry.id, "failed", reason)
         case Transient(reason):
             entry.last_error = reason
-            journal.update(entry)
+            await journal.update(entry)
             return ReplayLine(entry.id, "deferred", reason)
     raise AssertionError(outcome)
 
@@ -132,7 +132,7 @@ async def ingest_files(
 
 async def _ingest_one(intake: Intake, path: Path, raw: bytes, rcpt: str | None, mail_from: str | None) -> ReplayLine:
     try:
-        received = intake.store(raw, mail_from, rcpt)
+        received = intake.received(raw)
         (acceptance,) = await intake.accept(received, mail_from, [rcpt], ingress="replay")
     except JournalError as error:
         return ReplayLine(str(path), "deferred", str(error))

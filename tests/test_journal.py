@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lmtp_gateway.ingress import DataDecoder
-from lmtp_gateway.journal import Entry, Journal, State, envelope_headers, fingerprint
+from lmtp_gateway.journal import Draft, Entry, Journal, State, envelope_headers, fingerprint
 from tests.lmtp_client import dot_stuff
 
 
@@ -24,12 +24,7 @@ def new_entry(entry_id: str, state: State = State.PENDING, received_at: float | 
 
 
 async def commit(journal: Journal, entry: Entry, body: bytes = b"hello") -> None:
-    path, handle = journal.new_tmp()
-    with handle:
-        handle.write(body)
-    from lmtp_gateway.journal import Draft
-
-    await journal.commit([Draft(entry, path)])
+    await journal.commit([Draft(entry, b"", body)])
 
 
 async def test_commit_makes_a_readable_pair(tmp_path: Path) -> None:
@@ -47,7 +42,7 @@ async def test_state_changes_move_both_files(tmp_path: Path) -> None:
     journal.open()
     entry = new_entry("b" * 24)
     await commit(journal, entry)
-    journal.move(entry, State.DELIVERED)
+    await journal.move(entry, State.DELIVERED)
     assert {p.name for p in (tmp_path / "delivered").iterdir()} == {f"{'b' * 24}.eml", f"{'b' * 24}.json"}
     assert not list((tmp_path / "pending").iterdir())
     assert journal.find("b" * 24).state is State.DELIVERED
@@ -79,8 +74,8 @@ async def test_retention_removes_only_old_finished_entries(tmp_path: Path) -> No
     old_done, old_pending, new_done = new_entry("f" * 24), new_entry("0" * 24), new_entry("1" * 24)
     for entry in (old_done, old_pending, new_done):
         await commit(journal, entry)
-    journal.move(old_done, State.DELIVERED)
-    journal.move(new_done, State.DROPPED)
+    await journal.move(old_done, State.DELIVERED)
+    await journal.move(new_done, State.DROPPED)
     removed = journal.expire(retention=3600, now=time.time() + 7200)
     assert removed == 2  # both finished entries are older than an hour at that "now"
     assert journal.expire(retention=3600) == 0

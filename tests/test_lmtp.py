@@ -238,10 +238,10 @@ async def test_recovery_delivers_what_was_pending(start_gateway: StartGateway, t
 
 @pytest.fixture
 def small_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
-    """A 2 MiB tmpfs for the journal: a real full disk, not a simulated one."""
+    """An 8 MiB tmpfs for the journal: a real full disk, not a simulated one."""
     mountpoint = tmp_path / "small"
     mountpoint.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mountpoint)], capture_output=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mountpoint)], capture_output=True)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.decode().strip()}")
     try:
@@ -259,12 +259,31 @@ async def test_full_disk_answers_452_and_acknowledges_nothing(start_gateway: Sta
         while True:
             handle.write(b"\0" * 65536)
             handle.flush()
-    done = await client.send("a@example.org", [REPLY_RCPT, DESK_RCPT], message("Subject: x", body="y\n" * 200_000))
+    small = await client.send("a@example.org", [REPLY_RCPT, DESK_RCPT], message("Subject: x", body="y\n" * 200_000))
+    assert [r[:9] for r in small.results] == ["452 4.3.1", "452 4.3.1"]  # kept in memory, refused at commit
+    done = await client.send("a@example.org", [REPLY_RCPT, DESK_RCPT], message("Subject: x", body="y\n" * 750_000))
     assert [r[:9] for r in done.results] == ["452 4.3.1", "452 4.3.1"]
     assert "disk full" in done.results[0]
     assert nothing_committed(spool)
     assert not list((spool / "tmp").iterdir())
     filler.unlink()  # space again: the same session now succeeds
-    again = await client.send("a@example.org", [REPLY_RCPT], message("Subject: x", body="y\n" * 200_000))
+    again = await client.send("a@example.org", [REPLY_RCPT], message("Subject: x", body="y\n" * 750_000))
     assert again.results[0].startswith("250 2.0.0")
     await client.quit()
+
+
+async def test_a_large_message_goes_through_a_file_to_every_recipient(
+    start_gateway: StartGateway, tmp_path: Path
+) -> None:
+    gateway = await start_gateway()
+    client = await gateway.client()
+    big = message("Subject: big", body="".join(f"line {n:07d}\n" for n in range(300_000)))  # 4 MB: spilled
+    done = await client.send("a@example.org", [REPLY_RCPT, ISSUE_RCPT], big)
+    assert [r[:9] for r in done.results] == ["250 2.0.0", "250 2.0.0"]
+    await client.quit()
+    spool = tmp_path / "spool"
+    await eventually(lambda: len(maildir_messages(spool, "incoming_email")) == 2, what="both copies")
+    wire_body = big.replace(b"\n", b"\r\n")
+    for copy in maildir_messages(spool, "incoming_email"):
+        assert copy.endswith(wire_body)
+    assert not list((spool / "tmp").iterdir())

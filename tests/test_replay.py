@@ -35,13 +35,10 @@ async def seed(spool: Path, state: State, count: int, mailbox: str = "incoming_e
             mail_from="a@b", rcpt=REPLY_RCPT, mailbox=mailbox, key="k", handler="create_note", source="envelope",
             reason="", size=10,
         )  # fmt: skip
-        path, handle = journal.new_tmp()
-        with handle:
-            handle.write(numbered_message(number))
-        await journal.commit([Draft(entry, path)])
+        await journal.commit([Draft(entry, b"", numbered_message(number))])
         if state is not State.PENDING:
             entry.last_error = "GitLab said no" if state is State.FAILED else None
-            journal.move(entry, state)
+            await journal.move(entry, state)
         made.append(entry)
     journal.close()
     return made
