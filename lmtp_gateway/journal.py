@@ -32,7 +32,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
@@ -146,24 +146,14 @@ def _syncfs(path: Path) -> None:
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
-@dataclass
-class _Change:
-    """One change to the journal's files, run by the writer thread. `run` returns the paths that must be made
-    durable (files, directories), or None when the change need not wait for the disk."""
+class _GroupFlush:
+    """Durability for many sessions at once: one thread makes everything asked for since its last round reach
+    the disk, then wakes every caller of that round. Under load a round covers many sessions, so the disk sees
+    one flush per round instead of three per message.
 
-    run: Callable[[], tuple[list[Path], list[Path]] | None]
-    undo: Callable[[], None]
-    future: asyncio.Future[None]
-    loop: asyncio.AbstractEventLoop
-
-
-class _Writer:
-    """The one thread that changes the journal's files, in rounds.
-
-    A round takes every change asked for since the last one, runs them in order, then makes what the durable
-    ones wrote reach the disk in one go, and only then answers their callers. Under load a round covers many
-    sessions, so the disk sees one flush per round instead of three per message, and the event loop never
-    waits for the file system (creating a file while the journal is being flushed can take milliseconds).
+    Only the flush runs in the thread: it is the one slow call, and it releases the GIL for its whole length.
+    (File creation and renames stay in the event loop: done from a thread, each of those short calls would wait
+    for the GIL behind a busy event loop, up to the 5 ms switch interval each.)
 
     ``fsync`` flushes exactly the files and directories given; ``syncfs`` flushes the journal's whole file system
     in one call (faster when the spool has a file system of its own, slower on a busy shared one).
@@ -173,24 +163,22 @@ class _Writer:
         self.root = root
         self.method = method
         self._lock = threading.Condition()
-        self._queue: list[_Change] = []
+        self._queue: list[tuple[list[Path], list[Path], asyncio.Future[None], asyncio.AbstractEventLoop]] = []
         self._thread: threading.Thread | None = None
         self._closed = False
 
-    async def change(
-        self,
-        run: Callable[[], tuple[list[Path], list[Path]] | None],
-        undo: Callable[[], None] = lambda: None,
-    ) -> None:
+    async def flush(self, files: list[Path], directories: list[Path]) -> None:
+        if self.method == "off":
+            return
         loop = asyncio.get_running_loop()
-        change = _Change(run, undo, loop.create_future(), loop)
+        future: asyncio.Future[None] = loop.create_future()
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="journal-writer", daemon=True)
+                self._thread = threading.Thread(target=self._run, name="journal-flush", daemon=True)
                 self._thread.start()
-            self._queue.append(change)
+            self._queue.append((files, directories, future, loop))
             self._lock.notify()
-        await change.future
+        await future
 
     def _run(self) -> None:
         while True:
@@ -200,42 +188,19 @@ class _Writer:
                 if self._closed and not self._queue:
                     return
                 batch, self._queue = self._queue, []
-            outcomes: list[tuple[_Change, BaseException | None]] = []
-            files: set[Path] = set()
-            directories: set[Path] = set()
-            durable: list[_Change] = []
-            for change in batch:
-                try:
-                    paths = change.run()
-                except BaseException as error:  # reported to the caller, never kills the writer
-                    with contextlib.suppress(Exception):
-                        change.undo()
-                    outcomes.append((change, error))
-                    continue
-                if paths is not None:
-                    files.update(paths[0])
-                    directories.update(paths[1])
-                    durable.append(change)
-                outcomes.append((change, None))
-            if durable and self.method != "off":
-                try:
-                    self._flush(files, directories)
-                except OSError as error:
-                    for change in durable:
-                        with contextlib.suppress(Exception):
-                            change.undo()
-                    outcomes = [(c, error if c in durable else e) for c, e in outcomes]
-            for change, error in outcomes:
-                change.loop.call_soon_threadsafe(_settle, change.future, error)
-
-    def _flush(self, files: set[Path], directories: set[Path]) -> None:
-        if self.method == "syncfs":
-            _syncfs(self.root)
-            return
-        for path in files:
-            _fsync_path(path)
-        for path in directories:
-            _fsync_path(path, directory=True)
+            error: BaseException | None = None
+            try:
+                if self.method == "syncfs":
+                    _syncfs(self.root)
+                else:
+                    for path in {p for files, _, _, _ in batch for p in files}:
+                        _fsync_path(path)
+                    for path in {p for _, dirs, _, _ in batch for p in dirs}:
+                        _fsync_path(path, directory=True)
+            except OSError as caught:
+                error = caught
+            for _, _, future, loop in batch:
+                loop.call_soon_threadsafe(_settle, future, error)
 
     def close(self) -> None:
         with self._lock:
@@ -258,7 +223,7 @@ class Journal:
         self.sync = sync
         self.tmp = root / "tmp"
         self.quarantine = root / "quarantine"
-        self._writer = _Writer(root, sync)
+        self._flush = _GroupFlush(root, sync)
 
     # --- layout ---
 
@@ -348,15 +313,14 @@ class Journal:
         """Make every draft visible in its state directory and durable, or raise JournalError.
 
         The .eml is written under its final name (without metadata it does not exist for anyone, and recovery
-        removes it), then the metadata is renamed into place, then the round's flush. A crash before the flush
+        removes it), then the metadata is renamed into place, then one group flush. A crash before the flush
         can leave an entry whose file is short; it was never acknowledged, and recovery sets it aside because
         its ``stored_size`` does not match.
         """
         if not drafts:
             return
         placed: list[Path] = []
-
-        def run() -> tuple[list[Path], list[Path]]:
+        try:
             for draft in drafts:
                 eml = self.eml_path(draft.entry)
                 placed.append(eml)
@@ -369,16 +333,11 @@ class Journal:
                             shutil.copyfileobj(source, handle, 1 << 20)
                     draft.entry.stored_size = handle.tell()
                 placed.append(self._write_metadata(draft.entry))
-            return placed, sorted({self.state_dir(d.entry.state) for d in drafts})
-
-        def undo() -> None:
+            await self._flush.flush(placed, sorted({self.state_dir(d.entry.state) for d in drafts}))
+        except OSError as error:
             for path in placed:
                 with contextlib.suppress(OSError):
                     path.unlink()
-
-        try:
-            await self._writer.change(run, undo)
-        except OSError as error:
             raise JournalError(describe_os_error(error)) from error
 
     def _write_metadata(self, entry: Entry) -> Path:
@@ -393,29 +352,22 @@ class Journal:
         with contextlib.suppress(OSError):
             path.unlink()
 
-    async def update(self, entry: Entry) -> None:
+    def update(self, entry: Entry) -> None:
         """Rewrite an entry's metadata (attempts, last error); not flushed: losing it loses no mail."""
-
-        def run() -> None:
-            self._write_metadata(entry)
-
-        await self._writer.change(run)
+        self._write_metadata(entry)
 
     async def move(self, entry: Entry, state: State, *, durable: bool = False) -> None:
         """Change an entry's state: the .json first (the truth), then the .eml follows."""
         old_json, old_eml = self._json_path(entry), self.eml_path(entry)
         entry.state = state
         entry.finished_at = time.time() if state in FINISHED else None
-
-        def run() -> tuple[list[Path], list[Path]] | None:
-            new_json = self._write_metadata(entry)
-            if old_json != new_json:
-                with contextlib.suppress(FileNotFoundError):
-                    old_json.unlink()
-                os.replace(old_eml, self.eml_path(entry))
-            return ([new_json], [self.state_dir(state)]) if durable else None
-
-        await self._writer.change(run)
+        new_json = self._write_metadata(entry)
+        if old_json != new_json:
+            with contextlib.suppress(FileNotFoundError):
+                old_json.unlink()
+            os.replace(old_eml, self.eml_path(entry))
+        if durable:
+            await self._flush.flush([new_json], [self.state_dir(state)])
 
     # --- reading ---
 
@@ -453,7 +405,7 @@ class Journal:
         return removed
 
     def close(self) -> None:
-        self._writer.close()
+        self._flush.close()
 
 
 def describe_os_error(error: OSError) -> str:

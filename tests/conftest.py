@@ -57,14 +57,14 @@ def table() -> RoutingTable:
     )
 
 
-def gateway_yaml(spool: Path, **sections: Any) -> dict[str, Any]:
+def gateway_yaml(spool_path: Path, /, **sections: Any) -> dict[str, Any]:
     """A gateway configuration for tests: both mailboxes on incoming.test, maildir unless told otherwise."""
     data: dict[str, Any] = {
         "gitlab": {"host": "gitlab.test"},
         "incoming_email": {"address": "incoming+%{key}@incoming.test", "delivery_method": "maildir"},
         "service_desk_email": {"address": "contact+%{key}@incoming.test", "delivery_method": "maildir"},
         "lmtp": {"listen": "127.0.0.1:0"},
-        "spool": {"path": str(spool)},
+        "spool": {"path": str(spool_path)},
     }
     for name, values in sections.items():
         if values is None:
@@ -74,8 +74,8 @@ def gateway_yaml(spool: Path, **sections: Any) -> dict[str, Any]:
     return data
 
 
-def make_config(spool: Path, **sections: Any) -> Config:
-    return parse_config(yaml.safe_dump(gateway_yaml(spool, **sections)), "test.yml")
+def make_config(spool_path: Path, /, **sections: Any) -> Config:
+    return parse_config(yaml.safe_dump(gateway_yaml(spool_path, **sections)), "test.yml")
 
 
 async def eventually(condition: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
