@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -315,6 +317,83 @@ class _Progress:
     def __exit__(self, *exc: object) -> None:
         if self.bar is not None:
             self.bar.__exit__(None, None, None)
+
+
+# --- policy ---
+
+
+@main.command()
+@config_option
+@click.option("--listen", multiple=True, metavar="ADDR", help="HOST:PORT or unix:PATH (default: policy.listen).")
+@click.option("--stdio", is_flag=True, help="One session on stdin/stdout, as Postfix's spawn(8) runs it.")
+def policy(config_path: str | None, listen: tuple[str, ...], stdio: bool) -> None:
+    """Answer Postfix's policy requests: refuse unknown GitLab addresses during RCPT.
+
+    Runs apart from `serve`, so Postfix can still tell good addresses from bad ones while the LMTP daemon is
+    down (it then queues the good ones). Either as its own small daemon on policy.listen, or spawned by
+    Postfix per connection (--stdio).
+
+    \b
+    Examples:
+      lmtp-gateway policy --config contrib/config/postfix.yml                 # listens on policy.listen
+      lmtp-gateway policy --config /etc/lmtp-gateway/config.yml --stdio       # in master.cf, via spawn
+    """
+    from lmtp_gateway.policy import PolicyServer
+
+    setup_logging("warning" if stdio else "info")
+    config = _load(config_path)
+    server = PolicyServer(config.routing)
+    addresses = listen or config.policy.listen
+    if stdio:
+        server.serve_stdio()
+        return
+    if not addresses:
+        raise click.UsageError("give --listen ADDR, policy.listen in the configuration, or --stdio")
+
+    async def run() -> None:
+        for address in addresses:
+            click.echo(f"lmtp-gateway policy: listening on {await server.listen(address)}", err=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await server.close()
+
+    asyncio.run(run())
+
+
+# --- postfix-config ---
+
+
+@main.command("postfix-config")
+@config_option
+@click.option("--main-cf", "part", flag_value="main", help="Only the main.cf fragment.")
+@click.option("--master-cf", "part", flag_value="master", help="Only the master.cf fragment.")
+@click.option("--user", default="lmtp-gateway", show_default=True, help="User for the spawned policy service.")
+def postfix_config(config_path: str | None, part: str | None, user: str) -> None:
+    """Print the Postfix main.cf and master.cf fragments for this configuration.
+
+    Domains come from the address templates, the LMTP next hop from lmtp.listen, message_size_limit from
+    lmtp.max_message_size and the policy service from policy.listen, so Postfix and the gateway agree. Without
+    policy.listen, master.cf gets a spawn(8) entry that runs `lmtp-gateway policy --stdio` for Postfix.
+
+    \b
+    Example:
+      lmtp-gateway postfix-config --config contrib/config/postfix.yml
+      lmtp-gateway postfix-config --config contrib/config/postfix.yml --main-cf >> /etc/postfix/main.cf
+    """
+    from lmtp_gateway.postfix import render
+
+    config = _load(config_path)
+    executable = shutil.which("lmtp-gateway") or str(Path(sys.argv[0]).resolve())
+    fragment = render(config, executable=executable, user=user)
+    if part != "master":
+        click.echo(fragment.main_cf, nl=False)
+    if part is None:
+        click.echo("\n# ===== master.cf =====")
+    if part != "main":
+        click.echo(fragment.master_cf, nl=False)
 
 
 # --- spool ---

@@ -185,6 +185,7 @@ SCHEMA: Schema = {
         "namespace": _string,
         "timestamp_style": _choice(*TIMESTAMP_STYLES),
     },
+    "policy": {"listen": _string_list},
     "spool": {"path": _string, "retention": parse_duration, "sync": _choice("fsync", "syncfs", "off")},
 }
 
@@ -239,6 +240,11 @@ class LmtpConfig:
 
 
 @dataclass(frozen=True)
+class PolicyConfig:
+    listen: tuple[str, ...] = ()  # Postfix policy service: HOST:PORT or unix:PATH; off unless given
+
+
+@dataclass(frozen=True)
 class RedisConfig:
     url: str = "redis://127.0.0.1:6379/0"
     sentinels: tuple[tuple[str, int], ...] = ()
@@ -262,6 +268,7 @@ class Config:
     gitlab_url: str | None
     mailboxes: Mapping[str, MailboxConfig]
     lmtp: LmtpConfig
+    policy: PolicyConfig
     redis: RedisConfig
     spool: SpoolConfig
     warnings: tuple[str, ...] = ()
@@ -399,6 +406,7 @@ def _build(data: dict[str, Any], source: str, default_delivery: str, warnings: t
         gitlab_url=gitlab.get("url"),
         mailboxes=mailboxes,
         lmtp=LmtpConfig(**data.get("lmtp", {})),
+        policy=PolicyConfig(**data.get("policy", {})),
         redis=RedisConfig(**data.get("redis", {})),
         spool=SpoolConfig(
             path=Path(spool["path"]).expanduser() if "path" in spool else default_spool_path(),

@@ -1,4 +1,4 @@
-"""Real, throw-away servers (Redis, Dovecot) from Debian packages.
+"""Real, throw-away servers (Redis, Dovecot, Postfix) from Debian packages.
 
 Used by the test-suite and by the benchmark scripts in ``contrib/``, so this
 package depends on the standard library only; pytest is imported lazily and
@@ -28,10 +28,12 @@ from typing import IO, TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from .dovecot import DovecotServer
+    from .postfix import PostfixServer
     from .redis import RedisServer
 
 __all__ = [
     "DovecotServer",
+    "PostfixServer",
     "RedisServer",
     "free_port",
     "group_alive",
@@ -278,4 +280,8 @@ def __getattr__(name: str) -> object:
         from .dovecot import DovecotServer
 
         return DovecotServer
+    if name == "PostfixServer":
+        from .postfix import PostfixServer
+
+        return PostfixServer
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

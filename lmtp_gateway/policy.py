@@ -1,0 +1,131 @@
+"""A Postfix policy service (SMTPD_POLICY_README): refuse at SMTP time what the gateway would refuse at RCPT.
+
+Postfix asks before it accepts a recipient from the internet; answering here, from the same rules the LMTP
+listener uses, means an unknown GitLab address is refused to the sending server with ``550`` and never bounced
+later (no backscatter to forged senders). It answers at once, unlike recipient address verification, which
+sends a probe through the queue and keeps the sending server waiting a second or more for each new address,
+and it has no cache that can go stale when the configuration changes.
+
+Recipients in domains the gateway does not serve get ``DUNNO`` (no opinion), so the service can sit in a Postfix
+that also handles other mail.
+
+It runs apart from ``serve`` (``lmtp-gateway policy``), spawned by Postfix's master per connection or as its own
+small daemon, so that while the LMTP daemon is down (an upgrade, a crash) Postfix still tells good addresses from
+bad ones: it accepts and queues mail for valid GitLab addresses and delivers it when the gateway is back, and
+still refuses the rest at SMTP time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+
+from lmtp_gateway.rules import RoutingTable, match_recipient
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST = 64 * 1024  # Postfix sends a few hundred bytes; anything larger is not Postfix
+
+
+def policy_action(table: RoutingTable, request: dict[str, str]) -> str:
+    """The ``action=`` for one request (pure: the rules decide)."""
+    if request.get("request") != "smtpd_access_policy" or request.get("protocol_state", "RCPT") != "RCPT":
+        return "DUNNO"
+    recipient = request.get("recipient", "")
+    domain = recipient.rpartition("@")[2].lower()
+    if not recipient or domain not in {template.domain.lower() for _, template in table.mailboxes}:
+        return "DUNNO"
+    found = match_recipient(table, recipient)
+    if found.accepted:
+        return "DUNNO"
+    return f"550 5.1.1 <{recipient}>: Recipient address rejected: {found.reason}"
+
+
+class _Request:
+    """name=value lines up to the empty line that ends a request."""
+
+    def __init__(self) -> None:
+        self.fields: dict[str, str] = {}
+        self.size = 0
+
+    @property
+    def too_large(self) -> bool:
+        return self.size > MAX_REQUEST  # Postfix sends a few hundred bytes; this is not Postfix
+
+    def add(self, line: bytes) -> bool:
+        """Take one line; True when it ended the request."""
+        self.size += len(line)
+        text = line.decode("utf-8", "replace").rstrip("\r\n")
+        if not text:
+            return True
+        name, _, value = text.partition("=")
+        self.fields[name] = value
+        return False
+
+
+class PolicyServer:
+    def __init__(self, table: RoutingTable) -> None:
+        self.table = table
+        self.servers: list[asyncio.Server] = []
+        self.addresses: list[str] = []
+
+    async def listen(self, spec: str) -> str:
+        if spec.startswith("unix:"):
+            path = spec.removeprefix("unix:")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            server = await asyncio.start_unix_server(self._serve, path)
+            address = spec
+        else:
+            host, _, port = spec.rpartition(":")
+            server = await asyncio.start_server(self._serve, host.strip("[]") or "127.0.0.1", int(port))
+            address = f"{host or '127.0.0.1'}:{server.sockets[0].getsockname()[1]}"
+        self.servers.append(server)
+        self.addresses.append(address)
+        log.info("policy service on %s", address, extra={"event": "listening", "address": address})
+        return address
+
+    def serve_stdio(self) -> None:
+        """One session on standard input and output, as Postfix's spawn(8) runs a policy server."""
+        request = _Request()
+        for line in sys.stdin.buffer:
+            if request.add(line):
+                sys.stdout.buffer.write(self._answer(request.fields))
+                sys.stdout.buffer.flush()
+                request = _Request()
+            elif request.too_large:
+                return
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One Postfix connection: requests (name=value lines, then an empty line), one answer each."""
+        try:
+            request = _Request()
+            while line := await asyncio.wait_for(reader.readline(), 300):
+                if request.add(line):
+                    writer.write(self._answer(request.fields))
+                    await writer.drain()
+                    request = _Request()
+                elif request.too_large:
+                    return
+        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError, ValueError):
+            return
+        finally:
+            writer.close()
+
+    def _answer(self, request: dict[str, str]) -> bytes:
+        action = policy_action(self.table, request)
+        if action != "DUNNO":
+            log.info(
+                "refused at SMTP time", extra={"event": "rejected", "rcpt": request.get("recipient"), "reason": action}
+            )
+        return f"action={action}\n\n".encode()
+
+    async def close(self) -> None:
+        for server in self.servers:
+            server.close()
+        for server in self.servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 5)
