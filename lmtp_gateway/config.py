@@ -102,6 +102,13 @@ def _choice(*choices: str) -> Callable[[Any], str]:
     return check
 
 
+def _sync_method(value: Any) -> str:
+    """fsync | syncfs | off; YAML reads a bare off/no/false as false (and on/yes/true as true)."""
+    if isinstance(value, bool):
+        return "fsync" if value else "off"
+    return _choice("fsync", "syncfs", "off")(value)
+
+
 def _sentinels(value: Any) -> tuple[tuple[str, int], ...]:
     if not isinstance(value, list):
         raise ValueError("expected a list of {host: ..., port: ...} entries")
@@ -186,7 +193,7 @@ SCHEMA: Schema = {
         "timestamp_style": _choice(*TIMESTAMP_STYLES),
     },
     "policy": {"listen": _string_list},
-    "spool": {"path": _string, "retention": parse_duration, "sync": _choice("fsync", "syncfs", "off")},
+    "spool": {"path": _string, "retention": parse_duration, "sync": _sync_method},
 }
 
 

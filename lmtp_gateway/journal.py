@@ -33,7 +33,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -98,7 +98,8 @@ class Entry:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), indent=1, sort_keys=True).encode() + b"\n"
+        data = {name: getattr(self, name) for name in _ENTRY_FIELDS}  # shallow: asdict's deep copy costs
+        return json.dumps(data, indent=1).encode() + b"\n"
 
     @classmethod
     def from_json(cls, data: bytes) -> Entry:
@@ -107,6 +108,9 @@ class Entry:
         entry = cls(**{k: v for k, v in raw.items() if k in known})
         entry.state = State(entry.state)
         return entry
+
+
+_ENTRY_FIELDS = tuple(f.name for f in fields(Entry))
 
 
 @dataclass
@@ -224,6 +228,9 @@ class Journal:
         self.tmp = root / "tmp"
         self.quarantine = root / "quarantine"
         self._flush = _GroupFlush(root, sync)
+        # id -> state of every entry, kept by the journal's owner (serve) from open() on: dedupe look-ups then
+        # cost no system call. Other processes (replay, spool) go to the files.
+        self._index: dict[str, State] | None = None
 
     # --- layout ---
 
@@ -243,12 +250,13 @@ class Journal:
 
     def open(self) -> list[Entry]:
         """For the journal's owner at start-up: create the layout, clear uncommitted files, repair interrupted
-        state changes; return the pending entries."""
+        state changes, index every entry; return the pending entries."""
         self.ensure_layout()
         for leftover in self.tmp.iterdir():
             with contextlib.suppress(OSError):
                 leftover.unlink()
         self._repair()
+        self._index = {path.stem: state for state in State for path in self.state_dir(state).glob("*.json")}
         return sorted(self.entries(State.PENDING), key=lambda e: e.received_at)
 
     def _repair(self) -> None:
@@ -297,11 +305,16 @@ class Journal:
             raise JournalError(describe_os_error(error)) from error
 
     def find(self, entry_id: str) -> Entry | None:
-        """The entry with this id in any state (dedupe look-up: four stat calls)."""
-        for state in State:
+        """The entry with this id in any state (the dedupe look-up)."""
+        if self._index is not None:
+            state = self._index.get(entry_id)
+            states: tuple[State, ...] = () if state is None else (state,)
+        else:
+            states = tuple(State)
+        for state in states:
             path = self.state_dir(state) / f"{entry_id}.json"
             try:
-                return Entry.from_json(path.read_bytes())
+                return self._load(path, state)
             except FileNotFoundError:
                 continue
             except (OSError, ValueError, TypeError) as error:
@@ -312,10 +325,10 @@ class Journal:
     async def commit(self, drafts: list[Draft]) -> None:
         """Make every draft visible in its state directory and durable, or raise JournalError.
 
-        The .eml is written under its final name (without metadata it does not exist for anyone, and recovery
-        removes it), then the metadata is renamed into place, then one group flush. A crash before the flush
-        can leave an entry whose file is short; it was never acknowledged, and recovery sets it aside because
-        its ``stored_size`` does not match.
+        Both files are written under their final names, the .eml first (without metadata it does not exist for
+        anyone, and recovery removes it), then one group flush; no temporary names, because creating a file is
+        the costliest step there is. A crash before the flush can leave an entry cut short; it was never
+        acknowledged, and recovery sets it aside (torn metadata, or a ``stored_size`` that does not match).
         """
         if not drafts:
             return
@@ -332,8 +345,12 @@ class Journal:
                         with open(draft.body, "rb") as source:
                             shutil.copyfileobj(source, handle, 1 << 20)
                     draft.entry.stored_size = handle.tell()
-                placed.append(self._write_metadata(draft.entry))
+                metadata = self._json_path(draft.entry)
+                placed.append(metadata)
+                metadata.write_bytes(draft.entry.to_json())
             await self._flush.flush(placed, sorted({self.state_dir(d.entry.state) for d in drafts}))
+            if self._index is not None:
+                self._index.update((d.entry.id, d.entry.state) for d in drafts)
         except OSError as error:
             for path in placed:
                 with contextlib.suppress(OSError):
@@ -357,17 +374,25 @@ class Journal:
         self._write_metadata(entry)
 
     async def move(self, entry: Entry, state: State, *, durable: bool = False) -> None:
-        """Change an entry's state: the .json first (the truth), then the .eml follows."""
+        """Change an entry's state: the .json is renamed first (it is the truth), the .eml follows, then the
+        metadata is brought up to date in place (finished entries' metadata is informational: no new file)."""
         old_json, old_eml = self._json_path(entry), self.eml_path(entry)
         entry.state = state
         entry.finished_at = time.time() if state in FINISHED else None
-        new_json = self._write_metadata(entry)
+        new_json = self._json_path(entry)
         if old_json != new_json:
-            with contextlib.suppress(FileNotFoundError):
-                old_json.unlink()
+            os.replace(old_json, new_json)
             os.replace(old_eml, self.eml_path(entry))
-        if durable:
+        if durable:  # a dead letter's metadata must survive anything: atomic replacement, flushed
+            self._write_metadata(entry)
             await self._flush.flush([new_json], [self.state_dir(state)])
+        else:
+            with open(new_json, "r+b") as handle:
+                data = entry.to_json()
+                handle.write(data)
+                handle.truncate(len(data))
+        if self._index is not None:
+            self._index[entry.id] = state
 
     # --- reading ---
 
@@ -377,11 +402,17 @@ class Journal:
                 continue
             for path in self.state_dir(state).glob("*.json"):
                 try:
-                    yield Entry.from_json(path.read_bytes())
+                    yield self._load(path, state)
                 except FileNotFoundError:
                     continue  # moved while we looked
                 except (OSError, ValueError, TypeError) as error:
                     log.error("journal: unreadable metadata %s: %s", path, error)
+
+    @staticmethod
+    def _load(path: Path, state: State) -> Entry:
+        entry = Entry.from_json(path.read_bytes())
+        entry.state = state  # where the file is decides, should a crash have left older content behind
+        return entry
 
     def exists(self, entry: Entry) -> bool:
         """Is `entry` still where its state says (not finished meanwhile by another worker or process)?"""
@@ -401,6 +432,8 @@ class Journal:
                 for path in (self._json_path(entry), self.eml_path(entry)):
                     with contextlib.suppress(FileNotFoundError):
                         path.unlink()
+                if self._index is not None:
+                    self._index.pop(entry.id, None)
                 removed += 1
         return removed
 

@@ -174,3 +174,9 @@ def test_sizes(text: object, value: int) -> None:
 @pytest.mark.parametrize(("text", "value"), [("7d", 604800), ("12h", 43200), (3600, 3600), ("2w", 1209600)])
 def test_durations(text: object, value: int) -> None:
     assert parse_duration(text) == value
+
+
+@pytest.mark.parametrize(("text", "method"), [("off", "off"), ("false", "off"), ("syncfs", "syncfs"), ("yes", "fsync")])
+def test_spool_sync_reads_yaml_booleans_as_people_mean_them(text: str, method: str) -> None:
+    config = parse_config(f"incoming_email: {{address: 'a+%{{key}}@b'}}\nspool: {{sync: {text}}}\n", "gw.yml")
+    assert config.spool.sync == method
