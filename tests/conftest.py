@@ -181,6 +181,15 @@ class GatewayProcess:
                 stdout=log,
                 stderr=log,
             )
+        try:
+            self._wait_for_greeting()
+        except BaseException:
+            self.kill()  # never leave a half-started gateway behind
+            raise
+        return self
+
+    def _wait_for_greeting(self) -> None:
+        assert self.process is not None
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -190,7 +199,7 @@ class GatewayProcess:
 
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as probe:
                     if probe.recv(100).startswith(b"220"):
-                        return self
+                        return
             time.sleep(0.02)
         raise AssertionError(f"gateway did not answer on port {self.port}:\n{self.log_path.read_text()}")
 

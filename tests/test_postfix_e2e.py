@@ -6,6 +6,7 @@ over LMTP; the gateway pushes Sidekiq jobs into a real Redis. Nothing is bounced
 
 from __future__ import annotations
 
+import contextlib
 import json
 import smtplib
 import socket
@@ -87,36 +88,36 @@ def front_door(tmp_path: Path, redis: Any) -> Iterator[FrontDoor]:
         policy={"listen": f"127.0.0.1:{policy_port}"},
     )
     config_path.write_text(yaml.safe_dump(data))
-    gateway = GatewayProcess(config_path, tmp_path / "gateway.log").start()
-    with open(tmp_path / "policy.log", "wb") as log:
-        policy = subprocess.Popen([*lmtp_gateway_command(), "policy", "--config", str(config_path)], stderr=log)
-    wait_until(lambda: port_open(policy_port), timeout=15, what="the policy service", proc=policy)
-    fragments = {
-        part: subprocess.run(
-            [*lmtp_gateway_command(), "postfix-config", "--config", str(config_path), f"--{part}-cf"],
-            capture_output=True, text=True, check=True,
-        ).stdout
-        for part in ("main", "master")
-    }  # fmt: skip
-    main_cf = parse_main_cf(fragments["main"])
-    cert, key = self_signed_certificate(tmp_path)
-    main_cf.update(smtpd_tls_cert_file=str(cert), smtpd_tls_key_file=str(key))  # the only site-specific values
-    postfix = PostfixServer(
-        [DOMAIN],
-        f"lmtp:inet:127.0.0.1:{gateway.port}",
-        message_size_limit=SIZE_LIMIT,
-        extra_main_cf=main_cf,
-        extra_master_cf=fragments["master"],
-    ).start()
-    try:
+    with contextlib.ExitStack() as cleanup:  # whatever started is stopped, even when a later step fails
+        gateway = GatewayProcess(config_path, tmp_path / "gateway.log").start()
+        cleanup.callback(gateway.kill)
+        with open(tmp_path / "policy.log", "wb") as log:
+            policy = subprocess.Popen([*lmtp_gateway_command(), "policy", "--config", str(config_path)], stderr=log)
+        cleanup.callback(policy.wait, 10)
+        cleanup.callback(policy.terminate)
+        wait_until(lambda: port_open(policy_port), timeout=15, what="the policy service", proc=policy)
+        fragments = {
+            part: subprocess.run(
+                [*lmtp_gateway_command(), "postfix-config", "--config", str(config_path), f"--{part}-cf"],
+                capture_output=True, text=True, check=True,
+            ).stdout
+            for part in ("main", "master")
+        }  # fmt: skip
+        main_cf = parse_main_cf(fragments["main"])
+        cert, key = self_signed_certificate(tmp_path)
+        main_cf.update(smtpd_tls_cert_file=str(cert), smtpd_tls_key_file=str(key))  # the only site-specific values
+        postfix = PostfixServer(
+            [DOMAIN],
+            f"lmtp:inet:127.0.0.1:{gateway.port}",
+            message_size_limit=SIZE_LIMIT,
+            extra_main_cf=main_cf,
+            extra_master_cf=fragments["master"],
+        ).start()
+        cleanup.callback(postfix.stop)
+        # kept for a failed test's post-mortem (the Postfix instance's own directory goes with it)
+        cleanup.callback(lambda: (tmp_path / "maillog").write_text(postfix.maillog_text()))
         assert postfix.postconf("transport_maps").endswith(f"gitlab-lmtp:inet:127.0.0.1:{gateway.port} }}")
         yield FrontDoor(postfix, gateway, redis, tmp_path / "spool")
-    finally:
-        (tmp_path / "maillog").write_text(postfix.maillog_text())  # kept for a failed test's post-mortem
-        postfix.stop()
-        policy.terminate()
-        policy.wait(10)
-        gateway.kill()
 
 
 def test_gitlab_mail_of_every_kind_becomes_the_right_job(front_door: FrontDoor) -> None:
