@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import re
@@ -161,3 +162,44 @@ async def test_kill_9_during_load_every_250_ends_in_redis_exactly_once(
     assert acknowledged <= set(delivered), f"lost: {sorted(acknowledged - set(delivered))[:10]}"
     assert set(delivered.values()) == {1}, "a message was pushed twice"
     assert process.terminate() == 0
+
+
+async def test_delivery_through_redis_sentinel(start_gateway: StartGateway, redis: Any, tmp_path: Path) -> None:
+    """GitLab's Sentinel set-up: the URL names the master, sentinels say where it is."""
+    from tests.servers import free_port, require_binary, start_process, stop_process, wait_until
+
+    binary = require_binary("redis-server", "redis-server")
+    port = free_port()
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text(
+        f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+        f"sentinel monitor gitlab-redis 127.0.0.1 {redis.port} 1\n"
+        "sentinel down-after-milliseconds gitlab-redis 60000\n"
+    )
+    sentinel = start_process([binary, str(conf), "--sentinel"], cwd=tmp_path, output=tmp_path / "sentinel.log")
+    try:
+
+        def knows_master() -> bool:
+            import socket
+
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.sendall(b"SENTINEL get-master-addr-by-name gitlab-redis\r\n")
+                return str(redis.port).encode() in s.recv(200)
+            return False
+
+        wait_until(knows_master, timeout=15, what="sentinel", proc=sentinel)
+        config = make_config(
+            tmp_path / "spool",
+            incoming_email={"delivery_method": "sidekiq"},
+            service_desk_email={"delivery_method": "sidekiq"},
+            redis={"url": "redis://gitlab-redis/0", "sentinels": [{"host": "127.0.0.1", "port": port}]},
+        )
+        gateway = await start_gateway(config)
+        client = await gateway.client()
+        done = await client.send("a@example.org", [REPLY_RCPT], numbered_message(77))
+        await client.quit()
+        assert done.results[0].startswith("250 2.0.0")
+        await eventually(lambda: jobs(redis), what="a job in the master Sentinel named")
+        assert jobs(redis)[0]["jid"] == done.results[0].split()[3]
+    finally:
+        stop_process(sentinel)
