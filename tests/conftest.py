@@ -78,6 +78,11 @@ def make_config(spool_path: Path, /, **sections: Any) -> Config:
     return parse_config(yaml.safe_dump(gateway_yaml(spool_path, **sections)), "test.yml")
 
 
+def tmp_leftovers(spool: Path) -> list[Path]:
+    """What a message left in the journal's tmp/ (the empty files made ready in advance do not count)."""
+    return [path for path in (spool / "tmp").iterdir() if path.suffix != ".new" or path.stat().st_size]
+
+
 async def eventually(condition: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
     """Poll a condition that has no event to await (files appearing, another process's state)."""
     deadline = time.monotonic() + timeout

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from lmtp_gateway.ingress import DataDecoder
 from lmtp_gateway.journal import Draft, Entry, Journal, State, envelope_headers, fingerprint
+from tests.conftest import tmp_leftovers
 from tests.lmtp_client import dot_stuff
 
 
@@ -33,7 +34,7 @@ async def test_commit_makes_a_readable_pair(tmp_path: Path) -> None:
     await commit(journal, new_entry("a" * 24))
     assert (tmp_path / "pending" / f"{'a' * 24}.eml").read_bytes() == b"hello"
     assert journal.find("a" * 24) is not None
-    assert not list((tmp_path / "tmp").iterdir())
+    assert not tmp_leftovers(tmp_path)
     journal.close()
 
 
@@ -64,7 +65,7 @@ async def test_recovery_after_crashes_at_every_step(tmp_path: Path) -> None:
     assert [e.id for e in pending] == ["e" * 24]
     assert (tmp_path / "delivered" / f"{'c' * 24}.eml").exists()
     assert not (tmp_path / "pending" / f"{'d' * 24}.eml").exists()
-    assert not list((tmp_path / "tmp").iterdir())
+    assert not tmp_leftovers(tmp_path)
     assert never_committed.id not in {e.id for e in journal.entries()}
 
 

@@ -20,6 +20,7 @@ from tests.conftest import (
     make_config,
     message,
     numbered_message,
+    tmp_leftovers,
 )
 from tests.lmtp_client import LmtpClient
 
@@ -158,7 +159,7 @@ async def test_message_over_the_size_limit(start_gateway: StartGateway, tmp_path
     assert after.results[0].startswith("250 2.0.0")
     await client.quit()
     assert len(entries(tmp_path / "spool", State.PENDING) + entries(tmp_path / "spool", State.DELIVERED)) == 1
-    assert not list((tmp_path / "spool" / "tmp").iterdir())
+    assert not tmp_leftovers(tmp_path / "spool")
 
 
 async def test_over_long_line(start_gateway: StartGateway, tmp_path: Path) -> None:
@@ -199,7 +200,7 @@ async def test_client_gone_mid_data_leaves_nothing(start_gateway: StartGateway, 
     client.abort()
     await eventually(lambda: not gateway.gateway.lmtp.sessions, what="session closed")
     spool = tmp_path / "spool"
-    assert not list((spool / "tmp").iterdir())
+    assert not tmp_leftovers(spool)
     assert nothing_committed(spool)
 
 
@@ -265,7 +266,7 @@ async def test_full_disk_answers_452_and_acknowledges_nothing(start_gateway: Sta
     assert [r[:9] for r in done.results] == ["452 4.3.1", "452 4.3.1"]
     assert "disk full" in done.results[0]
     assert nothing_committed(spool)
-    assert not list((spool / "tmp").iterdir())
+    assert not tmp_leftovers(spool)
     filler.unlink()  # space again: the same session now succeeds
     again = await client.send("a@example.org", [REPLY_RCPT], message("Subject: x", body="y\n" * 750_000))
     assert again.results[0].startswith("250 2.0.0")
@@ -286,4 +287,4 @@ async def test_a_large_message_goes_through_a_file_to_every_recipient(
     wire_body = big.replace(b"\n", b"\r\n")
     for copy in maildir_messages(spool, "incoming_email"):
         assert copy.endswith(wire_body)
-    assert not list((spool / "tmp").iterdir())
+    assert not tmp_leftovers(spool)
