@@ -15,7 +15,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from lmtp_gateway.journal import Entry, Journal, State
@@ -38,6 +38,29 @@ class DispatchStats:
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=100_000))  # commit → sink confirmed
 
 
+class ByteBudget:
+    """Caps the bytes of messages being delivered at once: a Sidekiq job holds a message three or four times over
+    (the text, its JSON, the Redis command), so sixteen 10 MB messages at once would need over half a gigabyte.
+    A message larger than the whole budget still goes, alone."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, size: int) -> AsyncIterator[None]:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.used == 0 or self.used + size <= self.limit)
+            self.used += size
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self.used -= size
+                self._changed.notify_all()
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -48,6 +71,7 @@ class Dispatcher:
         backoff_base: float = 1.0,
         backoff_cap: float = 300.0,
         clock: Callable[[], float] = time.time,
+        max_bytes_in_flight: int = 16 * 1024 * 1024,
     ) -> None:
         self.journal = journal
         self.sinks = sinks
@@ -56,6 +80,7 @@ class Dispatcher:
         self.backoff_cap = backoff_cap
         self.clock = clock
         self.stats = DispatchStats()
+        self._budget = ByteBudget(max_bytes_in_flight)
         self._ready: asyncio.Queue[tuple[Entry, bytes | None]] = asyncio.Queue()
         self._retry: list[tuple[float, int, Entry]] = []
         self._sequence = itertools.count()
@@ -116,7 +141,9 @@ class Dispatcher:
                 if raw is None and not self.journal.exists(entry):  # finished meanwhile (a stale rescan)
                     self._done(entry)
                     continue
-                outcome = await self._attempt(entry, raw)
+                async with self._budget.hold(entry.stored_size or entry.size):
+                    outcome = await self._attempt(entry, raw)
+                    raw = None
                 await self._record(entry, outcome)
             except OSError as error:  # the journal could not record it: keep the entry, try again later
                 log.error("journal: cannot record outcome of %s: %s", entry.id, error)

@@ -51,3 +51,25 @@ async def test_30_mb_against_25_mb_is_refused_without_buffering(gateway_process:
     await eventually(lambda: list((tmp_path / "spool" / "delivered").glob("*.json")), what="the small one delivered")
     assert not tmp_leftovers(tmp_path / "spool")
     assert process.terminate() == 0
+
+
+async def test_16_concurrent_10_mb_messages_stay_under_200_mb(gateway_process: Any, redis: Any, tmp_path: Path) -> None:
+    process = gateway_process(
+        incoming_email={"delivery_method": "sidekiq"},
+        service_desk_email={"delivery_method": "sidekiq"},
+        redis={"url": redis.url},
+    )
+    body = "".join(f"{n:07d} " + "y" * 90 + "\n" for n in range(100_000))  # 10 MB of 98-byte lines
+
+    async def send(number: int) -> str:
+        client = await LmtpClient.connect(process.address)
+        await client.lhlo()
+        done = await client.send("a@example.org", [REPLY_RCPT], message(f"Subject: big {number}", body=body))
+        await client.quit()
+        return done.results[0]
+
+    replies = await asyncio.gather(*(send(n) for n in range(16)))
+    assert all(reply.startswith("250 2.0.0") for reply in replies)
+    await eventually(lambda: redis.command("LLEN", "queue:default") == 16, timeout=60, what="16 jobs")
+    assert process.peak_rss_mb() < 200
+    assert process.terminate() == 0
