@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import shutil
 import signal
@@ -239,67 +238,25 @@ def replay(
         raise click.UsageError("select entries (--id, --state, --mailbox, --since, --until) or give .eml FILES")
     if files and (ids or states):
         raise click.UsageError("FILES are fed in as new mail: do not combine them with --id or --state")
-    lines = asyncio.run(
-        _replay(config, selection if selecting and not files else None, files, rcpt, mail_from, dry_run)
-    )
+    try:
+        lines = asyncio.run(
+            replaying.run(
+                config,
+                selection=selection if selecting and not files else None,
+                files=files,
+                rcpt=rcpt,
+                mail_from=mail_from,
+                dry_run=dry_run,
+                progress=_Progress,
+            )
+        )
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from None
     for line in lines:
         click.echo(f"{line.what}  {line.action}  {line.detail}".rstrip())
     click.echo(replaying.summary(lines), err=True)
     if any(line.action in ("failed", "deferred") for line in lines):
         sys.exit(1)
-
-
-async def _replay(
-    config: Config, selection: Any, files: tuple[Path, ...], rcpt: str | None, mail_from: str | None, dry_run: bool
-) -> list[Any]:
-    from lmtp_gateway import replay as replaying
-    from lmtp_gateway.dispatch import Dispatcher
-    from lmtp_gateway.intake import Intake
-    from lmtp_gateway.sinks import build_sinks
-
-    try:
-        sinks = build_sinks(config)
-    except ConfigError as error:
-        raise click.ClickException(str(error)) from None
-    journal = Journal(config.spool.path, sync=config.spool.sync)
-    try:
-        if selection is not None:
-            journal = _journal(config)
-            entries = replaying.select(journal, selection)
-            with _Progress(len(entries), "replaying") as step:
-                return await replaying.replay_entries(journal, sinks, entries, dry_run=dry_run, progress=step)
-        journal.ensure_layout()
-        dispatcher = Dispatcher(journal, sinks)
-        intake = Intake(config.routing, journal, None if dry_run else dispatcher)
-        with _Progress(len(files), "ingesting") as step:
-            lines = await replaying.ingest_files(
-                intake, config.routing, files, rcpt=rcpt, mail_from=mail_from, dry_run=dry_run, progress=step
-            )
-        if not dry_run:
-            await _deliver_now(dispatcher, lines)
-        return lines
-    finally:
-        await sinks.close()
-        journal.close()
-
-
-async def _deliver_now(dispatcher: Any, lines: list[Any]) -> None:
-    """Run the dispatcher until every newly queued entry had its first attempt; what fails stays pending."""
-    runner = asyncio.create_task(dispatcher.run())
-    try:
-        await asyncio.wait_for(dispatcher.flush(), 60)
-    except TimeoutError:
-        pass
-    finally:
-        runner.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await runner
-    failed = {entry.id: entry.last_error for entry in dispatcher.waiting()}
-    for line in lines:
-        if line.action == "queued":
-            line.action = "deferred" if line.detail in failed else "delivered"
-            if line.detail in failed:
-                line.detail += f" (stays pending: {failed[line.detail]})"
 
 
 class _Progress:

@@ -8,19 +8,22 @@ entries go through the normal dedupe, so a replay racing the running daemon cann
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from lmtp_gateway.config import parse_duration
+from lmtp_gateway.config import Config, parse_duration
+from lmtp_gateway.dispatch import Dispatcher
 from lmtp_gateway.intake import Intake
 from lmtp_gateway.journal import Entry, Journal, JournalError, State
 from lmtp_gateway.rules import RoutingTable, route
-from lmtp_gateway.sinks import Delivered, Permanent, Sinks, Transient
+from lmtp_gateway.sinks import Delivered, Permanent, Sinks, Transient, build_sinks
 
 
 def parse_time(text: str, now: float | None = None) -> float:
@@ -147,3 +150,60 @@ async def _ingest_one(intake: Intake, path: Path, raw: bytes, rcpt: str | None, 
 def summary(lines: list[ReplayLine]) -> str:
     counts = Counter(line.action for line in lines)
     return f"{len(lines)} processed: " + ", ".join(f"{count} {action}" for action, count in sorted(counts.items()))
+
+
+Progress = Callable[[int, str], AbstractContextManager[Callable[[], None]]]
+
+
+async def run(
+    config: Config,
+    *,
+    selection: Selection | None,
+    files: Iterable[Path],
+    rcpt: str | None,
+    mail_from: str | None,
+    dry_run: bool,
+    progress: Progress,
+) -> list[ReplayLine]:
+    """What `lmtp-gateway replay` does: entries chosen by `selection`, or else `files` as new mail."""
+    sinks = build_sinks(config)
+    journal = Journal(config.spool.path, sync=config.spool.sync)
+    try:
+        if selection is not None:
+            entries = select(journal, selection)
+            with progress(len(entries), "replaying") as step:
+                return await replay_entries(journal, sinks, entries, dry_run=dry_run, progress=step)
+        files = list(files)
+        journal.ensure_layout()
+        dispatcher = Dispatcher(journal, sinks)
+        intake = Intake(config.routing, journal, None if dry_run else dispatcher)
+        with progress(len(files), "ingesting") as step:
+            lines = await ingest_files(
+                intake, config.routing, files, rcpt=rcpt, mail_from=mail_from, dry_run=dry_run, progress=step
+            )
+        if not dry_run:
+            await _deliver_now(dispatcher, lines)
+        return lines
+    finally:
+        await sinks.close()
+        journal.close()
+
+
+async def _deliver_now(dispatcher: Dispatcher, lines: list[ReplayLine]) -> None:
+    """Run the dispatcher until every newly queued entry had its first attempt; what fails stays pending (a
+    running `serve` picks it up)."""
+    runner = asyncio.create_task(dispatcher.run())
+    try:
+        await asyncio.wait_for(dispatcher.flush(), 60)
+    except TimeoutError:
+        pass
+    finally:
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await runner
+    failed = {entry.id: entry.last_error for entry in dispatcher.waiting()}
+    for line in lines:
+        if line.action == "queued":
+            line.action = "deferred" if line.detail in failed else "delivered"
+            if line.detail in failed:
+                line.detail += f" (stays pending: {failed[line.detail]})"
