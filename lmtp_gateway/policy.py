@@ -44,26 +44,13 @@ def policy_action(table: RoutingTable, request: dict[str, str]) -> str:
     return f"550 5.1.1 <{recipient}>: Recipient address rejected: {found.reason}"
 
 
-class _Request:
-    """name=value lines up to the empty line that ends a request."""
-
-    def __init__(self) -> None:
-        self.fields: dict[str, str] = {}
-        self.size = 0
-
-    @property
-    def too_large(self) -> bool:
-        return self.size > MAX_REQUEST  # Postfix sends a few hundred bytes; this is not Postfix
-
-    def add(self, line: bytes) -> bool:
-        """Take one line; True when it ended the request."""
-        self.size += len(line)
-        text = line.decode("utf-8", "replace").rstrip("\r\n")
-        if not text:
-            return True
-        name, _, value = text.partition("=")
-        self.fields[name] = value
-        return False
+def parse_request(block: bytes) -> dict[str, str]:
+    """The name=value lines of one request (the empty line that ends it already cut off)."""
+    fields: dict[str, str] = {}
+    for line in block.decode("utf-8", "replace").splitlines():
+        name, _, value = line.partition("=")
+        fields[name] = value
+    return fields
 
 
 class PolicyServer:
@@ -77,11 +64,13 @@ class PolicyServer:
             path = spec.removeprefix("unix:")
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-            server = await asyncio.start_unix_server(self._serve, path)
+            server = await asyncio.start_unix_server(self._serve, path, limit=MAX_REQUEST)
             address = spec
         else:
             host, _, port = spec.rpartition(":")
-            server = await asyncio.start_server(self._serve, host.strip("[]") or "127.0.0.1", int(port))
+            server = await asyncio.start_server(
+                self._serve, host.strip("[]") or "127.0.0.1", int(port), limit=MAX_REQUEST
+            )
             address = f"{host or '127.0.0.1'}:{server.sockets[0].getsockname()[1]}"
         self.servers.append(server)
         self.addresses.append(address)
@@ -90,28 +79,26 @@ class PolicyServer:
 
     def serve_stdio(self) -> None:
         """One session on standard input and output, as Postfix's spawn(8) runs a policy server."""
-        request = _Request()
+        block = bytearray()
         for line in sys.stdin.buffer:
-            if request.add(line):
-                sys.stdout.buffer.write(self._answer(request.fields))
-                sys.stdout.buffer.flush()
-                request = _Request()
-            elif request.too_large:
-                return
+            if line.strip():
+                block += line
+                if len(block) > MAX_REQUEST:
+                    return
+                continue
+            sys.stdout.buffer.write(self._answer(parse_request(bytes(block))))
+            sys.stdout.buffer.flush()
+            block.clear()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One Postfix connection: requests (name=value lines, then an empty line), one answer each."""
         try:
-            request = _Request()
-            while line := await asyncio.wait_for(reader.readline(), 300):
-                if request.add(line):
-                    writer.write(self._answer(request.fields))
-                    await writer.drain()
-                    request = _Request()
-                elif request.too_large:
-                    return
-        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError, ValueError):
-            return
+            while True:
+                block = await asyncio.wait_for(reader.readuntil(b"\n\n"), 300)
+                writer.write(self._answer(parse_request(block)))
+                await writer.drain()
+        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            return  # closed, idle too long, or not Postfix (a request larger than MAX_REQUEST)
         finally:
             writer.close()
 
