@@ -390,7 +390,7 @@ def spool_list(
         entries = entries[-limit:]
     for entry in entries:
         if as_json:
-            click.echo(entry.to_json().decode().replace("\n", " "))
+            click.echo(entry.to_json().decode(), nl=False)
             continue
         received = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry.received_at))
         problem = f"  {entry.last_error}" if entry.last_error else ""
@@ -418,7 +418,7 @@ def spool_show(config_path: str | None, with_message: bool, entry_id: str) -> No
     if len(found) != 1:
         raise click.ClickException(f"{entry_id}: {'no entry' if not found else f'{len(found)} entries'} with this id")
     entry = found[0]
-    click.echo(entry.to_json().decode(), nl=False)
+    click.echo(json.dumps(json.loads(entry.to_json()), indent=1, ensure_ascii=False))
     click.echo(f"message: {journal.eml_path(entry)}")
     if with_message:
         click.echo(journal.read_message(entry).decode("utf-8", "replace"))

@@ -121,6 +121,10 @@ def data_reply(acceptance: Acceptance, rcpt: str) -> str:
     return f"250 2.0.0 <{rcpt}> {entry.id} queued"
 
 
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_PLAIN_PATH = re.compile(rf"\s*<({_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>(\s.*|)\Z", re.DOTALL)
+
+
 class LmtpSession(LMTP):
     """One LMTP connection. aiosmtpd drives the command loop; this class fixes what LMTP needs."""
 
@@ -151,6 +155,15 @@ class LmtpSession(LMTP):
         assert self._writer is not None
         self._writer.write("".join(f"{line}\r\n" for line in lines).encode("utf-8", "surrogateescape"))
         await self._writer.drain()
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """The common `<local@domain> PARAMS` without the stdlib's full RFC 5322 parser, which cost about a
+        tenth of a millisecond per command; anything unusual (quoted local parts, address literals, <>) still
+        goes to aiosmtpd's own parser."""
+        found = _PLAIN_PATH.match(arg)
+        if found is None or self.local_part_limit:
+            return super()._getaddr(arg)
+        return found.group(1), found.group(2).lstrip()
 
     async def handle_exception(self, error: Exception) -> str:
         log.exception("lmtp: internal error in session with %s", self.session.peer if self.session else "?")

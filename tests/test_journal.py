@@ -150,3 +150,28 @@ async def test_syncfs_and_off_commit_too(tmp_path: Path) -> None:
         await commit(journal, new_entry("5" * 24))
         assert journal.find("5" * 24) is not None
         journal.close()
+
+
+atext = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABC0123456789!#$%&'*+/=?^_`{|}~.-", min_size=1, max_size=30)
+
+
+@settings(max_examples=300)
+@given(
+    atext, st.text(alphabet="abc.-0123", min_size=1, max_size=15), st.sampled_from(["", " SIZE=100", " BODY=8BITMIME"])
+)
+def test_fast_address_parsing_agrees_with_aiosmtpd(local: str, domain: str, params: str) -> None:
+    from types import SimpleNamespace
+
+    from aiosmtpd.smtp import SMTP
+
+    from lmtp_gateway.ingress import _PLAIN_PATH, LmtpSession
+
+    plain = SimpleNamespace(local_part_limit=0)
+    arg = f"<{local}@{domain}>{params}"
+    try:
+        expected = SMTP._getaddr(plain, arg)  # type: ignore[arg-type]
+    except Exception:  # aiosmtpd's own parser raises on some inputs: then ours must hand the case to it
+        expected = None
+    if _PLAIN_PATH.match(arg) is not None:  # the fast path takes it: it must answer what aiosmtpd answers
+        assert expected is not None
+        assert LmtpSession._getaddr(plain, arg) == expected  # type: ignore[arg-type]
