@@ -25,6 +25,7 @@ DEFAULT_MAX_MESSAGE_SIZE = 25 * 1024 * 1024
 DEFAULT_RETENTION = 7 * 86400
 DELIVERY_METHODS = ("sidekiq", "webhook", "maildir")
 TIMESTAMP_STYLES = ("sidekiq7", "sidekiq8")
+SYNC_METHODS = ("fsync", "syncfs", "off")
 
 
 class ConfigError(Exception):
@@ -106,7 +107,7 @@ def _sync_method(value: Any) -> str:
     """fsync | syncfs | off; YAML reads a bare off/no/false as false (and on/yes/true as true)."""
     if isinstance(value, bool):
         return "fsync" if value else "off"
-    return _choice("fsync", "syncfs", "off")(value)
+    return _choice(*SYNC_METHODS)(value)
 
 
 def _sentinels(value: Any) -> tuple[tuple[str, int], ...]:

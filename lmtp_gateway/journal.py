@@ -126,9 +126,6 @@ class Draft:
     body: bytes | Path
 
 
-SYNC_METHODS = ("fsync", "syncfs", "off")
-
-
 def _fsync_path(path: Path, directory: bool = False) -> None:
     fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
     try:

@@ -58,10 +58,6 @@ class Sink(Protocol):
         """`force`: deliver even if this entry was delivered before (replay after GitLab lost it)."""
         ...
 
-    async def probe(self) -> Outcome:
-        """Is the destination reachable right now (for readiness and ``check``)?"""
-        ...
-
 
 # --- Sidekiq ---
 
@@ -140,13 +136,6 @@ class SidekiqSink:
             return Transient(f"redis: {type(error).__name__}: {error}")
         return Delivered("pushed" if pushed else "already in Redis (dedupe)")
 
-    async def probe(self) -> Outcome:
-        try:
-            await self.client.ping()
-        except (TimeoutError, redis.exceptions.RedisError, OSError) as error:
-            return Transient(f"redis: {type(error).__name__}: {error}")
-        return Delivered("PONG")
-
 
 # --- webhook (GitLab's internal mail_room API) ---
 
@@ -209,15 +198,6 @@ class WebhookSink:
             return Transient("webhook: 401 from GitLab: secret_file does not match GitLab's or the mailbox is disabled")
         return Transient(f"webhook: HTTP {response.status_code} from GitLab: {_snippet(response)}")
 
-    async def probe(self) -> Outcome:
-        try:
-            response = await self._post(b"")
-        except httpx.HTTPError as error:
-            return Transient(f"webhook: {type(error).__name__}: {error}")
-        if response.status_code == 401:
-            return Transient("webhook: 401: secret not accepted by GitLab")
-        return Delivered(f"HTTP {response.status_code}")
-
 
 def _snippet(response: httpx.Response) -> str:
     return response.text[:200].replace("\n", " ")
@@ -254,13 +234,6 @@ class MaildirSink:
         except OSError as error:
             return Transient(f"maildir: {error.strerror or error}")
 
-    async def probe(self) -> Outcome:
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            return Transient(f"maildir: {error.strerror}")
-        return Delivered(str(self.root)) if os.access(self.root, os.W_OK) else Transient(f"{self.root} not writable")
-
 
 @dataclass
 class Sinks:
@@ -272,9 +245,6 @@ class Sinks:
 
     def __getitem__(self, mailbox: str) -> Sink:
         return self.by_mailbox[mailbox]
-
-    async def probe(self) -> dict[str, Outcome]:
-        return {name: await sink.probe() for name, sink in self.by_mailbox.items()}
 
     async def close(self) -> None:
         for client in (self.redis, self.http):
