@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Protocol
+from typing import IO, TYPE_CHECKING, Protocol, Self
 
 if TYPE_CHECKING:
     from .dovecot import DovecotServer
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from .redis import RedisServer
 
 __all__ = [
+    "ChildServer",
     "DovecotServer",
     "PostfixServer",
     "RedisServer",
@@ -268,6 +269,42 @@ def _exited(pid: int) -> bool:
         return os.waitid(os.P_PID, pid, flags) is not None
     except ChildProcessError:
         return True
+
+
+class ChildServer:
+    """What every throw-away server here shares: a private directory, a child process, a context manager."""
+
+    _tmpdir: Path | None = None
+    _proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self, *, graceful: bool = True) -> None:
+        raise NotImplementedError
+
+    @property
+    def tmpdir(self) -> Path:
+        """The server's private directory (exists while started)."""
+        if self._tmpdir is None:
+            raise RuntimeError(f"{type(self).__name__} is not started")
+        return self._tmpdir
+
+    @property
+    def running(self) -> bool:
+        """True while the server's child process is alive."""
+        return self._proc is not None and process_running(self._proc)
+
+    @property
+    def pid(self) -> int | None:
+        """PID of the child process (also its process-group id)."""
+        return self._proc.pid if self.running and self._proc else None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 def __getattr__(name: str) -> object:

@@ -21,14 +21,13 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 from . import (
     LOOPBACK,
+    ChildServer,
     _register,
     _unregister,
     free_port,
-    process_running,
     require_binary,
     start_process,
     stop_process,
@@ -55,7 +54,7 @@ def dovecot_version(binary: str) -> tuple[int, ...]:
     return tuple(int(part) for part in match.group(1).split("."))
 
 
-class DovecotServer:
+class DovecotServer(ChildServer):
     """Throw-away Dovecot 2.3 serving IMAP and LMTP on 127.0.0.1.
 
     Everything (config, sockets, state, logs, mail) lives in one temporary
@@ -157,13 +156,6 @@ class DovecotServer:
         return dict(self._users)
 
     @property
-    def tmpdir(self) -> Path:
-        """The server's private directory (exists while started)."""
-        if self._tmpdir is None:
-            raise RuntimeError("DovecotServer is not started")
-        return self._tmpdir
-
-    @property
     def config_path(self) -> Path:
         """The generated dovecot.conf."""
         return self.tmpdir / "dovecot.conf"
@@ -172,16 +164,6 @@ class DovecotServer:
     def log_path(self) -> Path:
         """Dovecot's log (errors and info, e.g. ``saved mail to INBOX``)."""
         return self.tmpdir / "dovecot.log"
-
-    @property
-    def running(self) -> bool:
-        """True while the Dovecot master process is alive."""
-        return self._proc is not None and process_running(self._proc)
-
-    @property
-    def pid(self) -> int | None:
-        """PID of the Dovecot master (also its process-group id)."""
-        return self._proc.pid if self.running and self._proc else None
 
     def maildir(self, user: str | None = None) -> Path:
         """Root of ``user``'s Maildir (INBOX); new mail lands in ``/new``.
@@ -233,17 +215,6 @@ class DovecotServer:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
             self._tmpdir = None
         _unregister(self)
-
-    def __enter__(self) -> DovecotServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"

@@ -12,15 +12,14 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import IO, TypeAlias
 
 from . import (
     LOOPBACK,
+    ChildServer,
     _register,
     _unregister,
     free_port,
-    process_running,
     require_binary,
     start_process,
     stop_process,
@@ -36,7 +35,7 @@ class RedisError(Exception):
     """An ``-ERR ...`` reply from the server."""
 
 
-class RedisServer:
+class RedisServer(ChildServer):
     """Throw-away ``redis-server`` without persistence.
 
     The port is chosen once and kept for the object's lifetime, so
@@ -87,26 +86,9 @@ class RedisServer:
         return f"redis://{self.host}:{self.port}/0"
 
     @property
-    def tmpdir(self) -> Path:
-        """Directory holding redis.conf and the logs (exists while started)."""
-        if self._tmpdir is None:
-            raise RuntimeError("RedisServer is not started")
-        return self._tmpdir
-
-    @property
     def log_path(self) -> Path:
         """Redis' own log file; worth reading when a test fails."""
         return self.tmpdir / "redis.log"
-
-    @property
-    def running(self) -> bool:
-        """True while the redis-server child is alive."""
-        return self._proc is not None and process_running(self._proc)
-
-    @property
-    def pid(self) -> int | None:
-        """PID of the running redis-server, e.g. to SIGSTOP it in a test."""
-        return self._proc.pid if self.running and self._proc else None
 
     def start(self) -> RedisServer:
         """Start redis-server and wait until it answers PING."""
@@ -178,17 +160,6 @@ class RedisServer:
             s.sendall(payload)
             with s.makefile("rb") as reader:
                 return _read_reply(reader)
-
-    def __enter__(self) -> RedisServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
