@@ -59,20 +59,9 @@ def port_open(port: int) -> bool:
         return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
-def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
-    cert, key = directory / "mx.pem", directory / "mx.key"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=mx.test",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    key.chmod(0o600)
-    return cert, key
-
-
 @pytest.fixture
 def front_door(tmp_path: Path, redis: Any) -> Iterator[FrontDoor]:
-    from tests.servers.postfix import PostfixServer
+    from tests.servers.postfix import PostfixServer, self_signed_certificate
 
     require_binary("postfix", "postfix")
     require_binary("openssl", "openssl")

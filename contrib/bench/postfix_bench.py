@@ -65,7 +65,7 @@ from tests.servers import (  # noqa: E402
     wait_until,
 )
 from tests.servers.dovecot import DovecotServer  # noqa: E402
-from tests.servers.postfix import PostfixServer, lmtp_next_hop  # noqa: E402
+from tests.servers.postfix import PostfixServer, lmtp_next_hop, self_signed_certificate  # noqa: E402
 from tests.servers.redis import RedisServer  # noqa: E402
 
 DOMAIN = "incoming.test"
@@ -321,18 +321,6 @@ def summarize(lines: list[str], limit: int = 5) -> list[str]:
     if len(distinct) > limit:
         shown.append(f"... and {len(distinct) - limit} more distinct lines")
     return shown
-
-
-def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
-    """A throw-away certificate: postfix-config's TLS lines need one, and Debian's snakeoil may be missing."""
-    cert, key = directory / "mx.pem", directory / "mx.key"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=mx.test",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    key.chmod(0o600)
-    return cert, key
 
 
 def gateway_command() -> list[str]:

@@ -126,6 +126,18 @@ def postfix_version(postconf: str) -> tuple[int, ...]:
     return tuple(int(part) for part in match.group(1).split("."))
 
 
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """A throw-away certificate for smtpd's TLS settings (Debian's snakeoil one may not be installed)."""
+    cert, key = directory / "mx.pem", directory / "mx.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=mx.test",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    key.chmod(0o600)
+    return cert, key
+
+
 def lmtp_next_hop(port: int, host: str = LOOPBACK) -> str:
     """``lmtp:inet:HOST:PORT``: a transport_maps value for a TCP LMTP server.
 
