@@ -160,7 +160,7 @@ class _GroupFlush:
     for the GIL behind a busy event loop, up to the 5 ms switch interval each.)
 
     ``fsync`` flushes exactly the files and directories given; ``syncfs`` flushes the journal's whole file system
-    in one call (faster when the spool has a file system of its own, slower on a busy shared one).
+    in one call (fewer calls, but it also waits for whatever else is dirty on that file system).
     """
 
     def __init__(self, root: Path, method: str) -> None:
