@@ -20,7 +20,6 @@ from typing import Any
 import pytest
 import yaml
 
-from lmtp_gateway.postfix import parse_main_cf
 from tests.conftest import REPLY_KEY, GatewayProcess, gateway_yaml, lmtp_gateway_command, message
 from tests.servers import free_port, require_binary, wait_until
 
@@ -61,7 +60,7 @@ def port_open(port: int) -> bool:
 
 @pytest.fixture
 def front_door(tmp_path: Path, redis: Any) -> Iterator[FrontDoor]:
-    from tests.servers.postfix import PostfixServer, self_signed_certificate
+    from tests.servers.postfix import postfix_for_gateway
 
     require_binary("postfix", "postfix")
     require_binary("openssl", "openssl")
@@ -85,23 +84,7 @@ def front_door(tmp_path: Path, redis: Any) -> Iterator[FrontDoor]:
         cleanup.callback(policy.wait, 10)
         cleanup.callback(policy.terminate)
         wait_until(lambda: port_open(policy_port), timeout=15, what="the policy service", proc=policy)
-        fragments = {
-            part: subprocess.run(
-                [*lmtp_gateway_command(), "postfix-config", "--config", str(config_path), f"--{part}-cf"],
-                capture_output=True, text=True, check=True,
-            ).stdout
-            for part in ("main", "master")
-        }  # fmt: skip
-        main_cf = parse_main_cf(fragments["main"])
-        cert, key = self_signed_certificate(tmp_path)
-        main_cf.update(smtpd_tls_cert_file=str(cert), smtpd_tls_key_file=str(key))  # the only site-specific values
-        postfix = PostfixServer(
-            [DOMAIN],
-            f"lmtp:inet:127.0.0.1:{gateway.port}",
-            message_size_limit=SIZE_LIMIT,
-            extra_main_cf=main_cf,
-            extra_master_cf=fragments["master"],
-        ).start()
+        postfix = postfix_for_gateway(lmtp_gateway_command(), config_path, [DOMAIN], gateway.port, tmp_path).start()
         cleanup.callback(postfix.stop)
         # kept for a failed test's post-mortem (the Postfix instance's own directory goes with it)
         cleanup.callback(lambda: (tmp_path / "maillog").write_text(postfix.maillog_text()))

@@ -55,7 +55,6 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from lmtp_gateway.postfix import parse_main_cf  # noqa: E402
 from tests.servers import (  # noqa: E402
     free_port,
     process_running,
@@ -65,7 +64,7 @@ from tests.servers import (  # noqa: E402
     wait_until,
 )
 from tests.servers.dovecot import DovecotServer  # noqa: E402
-from tests.servers.postfix import PostfixServer, lmtp_next_hop, self_signed_certificate  # noqa: E402
+from tests.servers.postfix import PostfixServer, lmtp_next_hop, postfix_for_gateway  # noqa: E402
 from tests.servers.redis import RedisServer  # noqa: E402
 
 DOMAIN = "incoming.test"
@@ -585,23 +584,7 @@ def gateway_next_hop(workdir: Path, redis: RedisServer) -> Iterator[Target]:
         )
         wait_until(lambda: port_open(policy_port), timeout=30, what="policy service", proc=policy,
                    log_files=[workdir / "policy.log"])  # fmt: skip
-        fragments = {
-            part: subprocess.run(
-                [*command, "postfix-config", "--config", str(config), f"--{part}-cf"],
-                capture_output=True, text=True, check=True,
-            ).stdout
-            for part in ("main", "master")
-        }  # fmt: skip
-        main_cf = parse_main_cf(fragments["main"])
-        cert, key = self_signed_certificate(workdir)
-        main_cf.update(smtpd_tls_cert_file=str(cert), smtpd_tls_key_file=str(key))  # the only site-specific values
-        postfix = PostfixServer(
-            [DOMAIN],
-            lmtp_next_hop(lmtp_port),  # replaced by the fragment's transport_maps (gitlab-lmtp:inet:...)
-            message_size_limit=int(main_cf["message_size_limit"]),
-            extra_main_cf=main_cf,
-            extra_master_cf=fragments["master"],
-        ).start()
+        postfix = postfix_for_gateway(command, config, [DOMAIN], lmtp_port, workdir).start()
         transport = postfix.postconf("transport_maps")
         if f"gitlab-lmtp:inet:127.0.0.1:{lmtp_port}" not in transport:
             raise RuntimeError(f"Postfix does not route to the gateway: transport_maps = {transport}")

@@ -138,6 +138,32 @@ def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
     return cert, key
 
 
+def postfix_for_gateway(
+    command: Sequence[str], config: Path, domains: Sequence[str], lmtp_port: int, workdir: Path
+) -> PostfixServer:
+    """A Postfix (not yet started) configured with exactly what `lmtp-gateway postfix-config` prints for
+    `config`; `command` runs lmtp-gateway. Only the certificate paths are replaced (site-specific)."""
+    from lmtp_gateway.postfix import parse_main_cf
+
+    fragments = {
+        part: subprocess.run(
+            [*command, "postfix-config", "--config", str(config), f"--{part}-cf"],
+            capture_output=True, text=True, check=True,
+        ).stdout
+        for part in ("main", "master")
+    }  # fmt: skip
+    main_cf = parse_main_cf(fragments["main"])
+    cert, key = self_signed_certificate(workdir)
+    main_cf.update(smtpd_tls_cert_file=str(cert), smtpd_tls_key_file=str(key))
+    return PostfixServer(
+        domains,
+        lmtp_next_hop(lmtp_port),  # the fragment's transport_maps (gitlab-lmtp:...) takes its place
+        message_size_limit=int(main_cf["message_size_limit"]),
+        extra_main_cf=main_cf,
+        extra_master_cf=fragments["master"],
+    )
+
+
 def lmtp_next_hop(port: int, host: str = LOOPBACK) -> str:
     """``lmtp:inet:HOST:PORT``: a transport_maps value for a TCP LMTP server.
 
