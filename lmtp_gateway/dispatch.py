@@ -85,8 +85,7 @@ class Dispatcher:
         self._retry: list[tuple[float, int, Entry]] = []
         self._sequence = itertools.count()
         self._retry_changed = asyncio.Event()
-        self._in_flight = 0
-        self._known: set[str] = set()
+        self._known: set[str] = set()  # ids handed in and not finished: queued, being delivered or waiting
 
     # --- feeding ---
 
@@ -96,7 +95,6 @@ class Dispatcher:
         if entry.id in self._known:
             return  # a Postfix retry of a message still on its way
         self._known.add(entry.id)
-        self._in_flight += 1
         entry.extra.setdefault("submitted_at", self.clock())
         self._ready.put_nowait((entry, raw))
 
@@ -106,7 +104,7 @@ class Dispatcher:
 
     @property
     def backlog(self) -> int:
-        return self._in_flight
+        return len(self._known)
 
     def waiting(self) -> list[Entry]:
         return [entry for _, _, entry in self._retry]
@@ -219,4 +217,3 @@ class Dispatcher:
 
     def _done(self, entry: Entry) -> None:
         self._known.discard(entry.id)
-        self._in_flight -= 1
