@@ -252,7 +252,6 @@ class LmtpSession(LMTP):
         so the client always gets its replies at the right place."""
         decoder = DataDecoder()
         digest = hashlib.sha256()
-        head = bytearray()
         size = 0
         problem: str | None = None
         while not decoder.done:
@@ -268,8 +267,6 @@ class LmtpSession(LMTP):
                 problem = "size"
             if problem is None and data:
                 digest.update(data)
-                if len(head) < HEAD_LIMIT:
-                    head += data[: HEAD_LIMIT - len(head)]
                 problem = spool.write(data)
         if decoder.leftover:  # commands pipelined past the end of DATA: give them back to the command loop
             self._reader._buffer[:0] = decoder.leftover  # type: ignore[attr-defined]
@@ -277,15 +274,18 @@ class LmtpSession(LMTP):
         problem = problem or trouble
         if problem:
             return None, problem
-        return Received(body, digest.digest(), bytes(head), size), None
+        return Received(body, digest.digest(), spool.head, size), None
 
 
 class _DataSpool:
-    """Where a message goes while it arrives: memory, or past SPILL_SIZE a file in the journal's tmp/."""
+    """Where a message goes while it arrives: memory, or past SPILL_SIZE a file in the journal's tmp/. It also
+    keeps the message's first HEAD_LIMIT bytes for the rules: the memory itself, or what it held when it spilled
+    (no second copy of every message)."""
 
     def __init__(self, journal: Journal) -> None:
         self.journal = journal
         self.memory = bytearray()
+        self.head = b""
         self.path: Path | None = None
         self.handle: BinaryIO | None = None
 
@@ -296,6 +296,7 @@ class _DataSpool:
                 self.memory += data
                 return None
             if self.handle is None:
+                self.head = bytes((self.memory + data)[:HEAD_LIMIT])
                 self.path, self.handle = self.journal.new_tmp()
                 self.handle.write(self.memory)
                 self.memory = bytearray()
@@ -308,7 +309,9 @@ class _DataSpool:
 
     def finish(self) -> tuple[bytes | Path, str | None]:
         if self.handle is None:
-            return bytes(self.memory), None
+            body = bytes(self.memory)
+            self.head = body[:HEAD_LIMIT]
+            return body, None
         try:
             self.handle.close()  # flushes: a full disk may only show here
         except OSError as error:
