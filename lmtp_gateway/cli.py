@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from lmtp_gateway.config import ENV_CONFIG, Config, ConfigError, load_config
-from lmtp_gateway.journal import Journal, State
+from lmtp_gateway.journal import Journal, JournalError, State
 from lmtp_gateway.logs import setup_logging
 from lmtp_gateway.rules import MAILBOX_TYPES, Verdict, route
 
@@ -145,8 +145,66 @@ def serve(
 
     try:
         asyncio.run(gateway.run(on_ready=ready))
-    except OSError as error:
+    except (OSError, JournalError) as error:
         raise click.ClickException(f"cannot start: {error}") from None
+
+
+# --- collect ---
+
+
+@main.command()
+@config_option
+@click.option("--mailbox", type=click.Choice(MAILBOX_TYPES), help="Collect from this mailbox only.")
+@click.option("--once", is_flag=True, help="Drain the mailboxes, deliver what is pending in the journal, exit.")
+@click.option("--spool", metavar="DIR", type=click.Path(file_okay=False), help="Override spool.path.")
+@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--log-json/--log-text", default=None, help="Log format (default: JSON unless on a terminal).")
+def collect(
+    config_path: str | None, mailbox: str | None, once: bool, spool: str | None, log_level: str, log_json: bool | None
+) -> None:
+    """Collect mail from an IMAP mailbox (IDLE) or Microsoft Graph, for set-ups without Postfix.
+
+    Takes GitLab's own keys (user, password, host, port, ssl, start_tls, mailbox, idle_timeout,
+    delete_after_delivery, expunge_deleted, inbox_method, inbox_options). A message is fetched without
+    being marked read, committed to the journal, and only then marked read (or deleted); it is then
+    delivered like LMTP mail. Each mailbox reconnects on its own with backoff. SIGTERM finishes the batch
+    in hand and exits 0.
+
+    Exit status with --once: 0 when every mailbox was drained and everything delivered, 1 otherwise
+    (what was not delivered stays in the journal for the next run).
+
+    \b
+    Example:
+      lmtp-gateway collect --config /etc/gitlab/gitlab.yml
+      lmtp-gateway collect --config gateway.yml --mailbox service_desk_email --once
+    """
+    from dataclasses import replace
+
+    from lmtp_gateway.service import Gateway
+
+    setup_logging(log_level, log_json)
+    config = _load(config_path)
+    if spool:
+        config = replace(config, spool=replace(config.spool, path=Path(spool)))
+    try:
+        gateway = Gateway(config, listen=False, collect=True, only_mailbox=mailbox)
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from None
+    names = ", ".join(c.source.name for c in gateway.collectors)
+    try:
+        if not once:
+            click.echo(f"lmtp-gateway: collecting from {names}; journal {config.spool.path}", err=True)
+            asyncio.run(gateway.run())
+            return
+        report = asyncio.run(gateway.collect_once())
+    except (OSError, JournalError) as error:
+        raise click.ClickException(f"cannot start: {error}") from None
+    for name, count in report.collected.items():
+        problem = report.errors.get(name)
+        click.echo(f"{name}: {count} collected" + (f"; stopped early: {problem}" if problem else ""))
+    click.echo(f"delivered {report.delivered}; {report.pending} left pending in the journal for the next run")
+    if report.errors or report.pending:
+        sys.exit(1)
 
 
 # --- replay ---

@@ -150,6 +150,7 @@ INBOX_OPTIONS: Schema = {
     "poll_interval": _integer,
     "azure_ad_endpoint": _string,
     "graph_endpoint": _string,
+    "scope": _string,  # ours: the token scope for IMAP XOAUTH2 (default Exchange Online's)
 }
 
 MAILBOX_SCHEMA: Schema = {
@@ -161,6 +162,8 @@ MAILBOX_SCHEMA: Schema = {
     "port": _integer,
     "ssl": _boolean,
     "start_tls": _boolean,
+    "ssl_verify": _boolean,  # ours: false only for a test server with a self-signed certificate
+    "ssl_ca_file": _string,  # ours: a private CA for the IMAP server's certificate
     "mailbox": _string,
     "idle_timeout": _integer,
     "delete_after_delivery": _boolean,

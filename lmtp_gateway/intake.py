@@ -60,17 +60,26 @@ class Intake:
         *,
         ingress: str,
         mailbox: str | None = None,
+        keep_rejected: bool = False,
     ) -> list[Acceptance]:
         """Route, dedupe and commit one copy per recipient. Raises JournalError when nothing could be committed;
-        a body spilled to tmp/ is always removed."""
+        a body spilled to tmp/ is always removed. `keep_rejected` journals a rejected copy as dropped, for
+        collectors: they cannot refuse a message that is already in the mailbox, and GitLab's rejection mail
+        would go to a sender who may be forged."""
         try:
-            return await self._accept(received, mail_from, rcpts, ingress, mailbox)
+            return await self._accept(received, mail_from, rcpts, ingress, mailbox, keep_rejected)
         finally:
             if isinstance(received.body, Path):
                 self.journal.discard(received.body)
 
     async def _accept(
-        self, received: Received, mail_from: str | None, rcpts: list[str | None], ingress: str, mailbox: str | None
+        self,
+        received: Received,
+        mail_from: str | None,
+        rcpts: list[str | None],
+        ingress: str,
+        mailbox: str | None,
+        keep_rejected: bool,
     ) -> list[Acceptance]:
         headers = parse_headers(received.head)
         now = time.time()
@@ -78,10 +87,10 @@ class Intake:
         drafts: list[Draft] = []
         for rcpt in rcpts:
             verdict = route(self.table, received.head, rcpt=rcpt, mailbox=mailbox, headers=headers)
-            if verdict.verdict == "reject":
+            if verdict.verdict == "reject" and not keep_rejected:
                 results.append(Acceptance(rcpt, verdict))
                 continue
-            identity = fingerprint(received.digest, verdict.mailbox or "-", rcpt or "")
+            identity = fingerprint(received.digest, verdict.mailbox or mailbox or "-", rcpt or "")
             existing = self.journal.find(identity[:ID_LENGTH]) or next(
                 (d.entry for d in drafts if d.entry.fingerprint == identity), None
             )
@@ -98,11 +107,11 @@ class Intake:
                 ingress=ingress,
                 mail_from=mail_from,
                 rcpt=rcpt,
-                mailbox=verdict.mailbox,
+                mailbox=verdict.mailbox or mailbox,
                 key=verdict.key,
                 handler=verdict.handler,
                 source=verdict.source,
-                reason=verdict.reason,
+                reason=verdict.reason if verdict.verdict != "reject" else f"rejected, kept: {verdict.reason}",
                 size=received.size,
             )
             drafts.append(Draft(entry, envelope_headers(mail_from, rcpt), received.body))
@@ -110,10 +119,11 @@ class Intake:
         await self.journal.commit(drafts)
         for draft in drafts:
             entry = draft.entry
+            event = "accepted" if entry.state is State.PENDING else "dropped"
             log.info(
-                "accepted" if entry.state is State.PENDING else "dropped",
+                event,
                 extra={
-                    "event": "accepted" if entry.state is State.PENDING else "dropped",
+                    "event": event,
                     "journal_id": entry.id,
                     "mailbox": entry.mailbox,
                     "key": entry.key,

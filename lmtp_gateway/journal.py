@@ -25,6 +25,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -284,6 +285,7 @@ class Journal:
         # id -> state of every entry, kept by the journal's owner (serve) from open() on: dedupe look-ups then
         # cost no system call. Other processes (replay, spool) go to the files.
         self._index: dict[str, State] | None = None
+        self._owner_lock: BinaryIO | None = None
 
     # --- layout ---
 
@@ -305,12 +307,27 @@ class Journal:
         """For the journal's owner at start-up: create the layout, clear uncommitted files, repair interrupted
         state changes, index every entry; return the pending entries."""
         self.ensure_layout()
+        self._take_ownership()
         for leftover in self.tmp.iterdir():
             with contextlib.suppress(OSError):
                 leftover.unlink()
         self._repair()
         self._index = {path.stem: state for state in State for path in self.state_dir(state).glob("*.json")}
         return sorted(self.entries(State.PENDING), key=lambda e: e.received_at)
+
+    def _take_ownership(self) -> None:
+        """One owner per journal: a second `serve` or `collect` on the same spool would clear the first one's
+        files in tmp/ and race its repairs."""
+        lock = open(self.root / "owner.lock", "a+b")  # noqa: SIM115 - held open for the life of the journal
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise JournalError(
+                f"{self.root} is in use by another lmtp-gateway process (serve or collect); "
+                "give each process its own spool.path"
+            ) from None
+        self._owner_lock = lock
 
     def _repair(self) -> None:
         where: dict[str, State] = {}
@@ -502,6 +519,9 @@ class Journal:
     def close(self) -> None:
         self._flush.close()
         self._files.close()
+        if self._owner_lock is not None:
+            self._owner_lock.close()
+            self._owner_lock = None
 
 
 def describe_os_error(error: OSError) -> str:

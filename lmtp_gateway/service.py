@@ -7,7 +7,9 @@ import contextlib
 import logging
 import signal
 from collections.abc import Callable
+from dataclasses import dataclass
 
+from lmtp_gateway.collect import MailboxCollector, build_collectors, describe
 from lmtp_gateway.config import Config
 from lmtp_gateway.dispatch import Dispatcher
 from lmtp_gateway.ingress import LmtpServer
@@ -26,10 +28,30 @@ class _Stopped(Exception):
     """Raised inside the TaskGroup to end it once shutdown is complete."""
 
 
-class Gateway:
-    """Everything `serve` runs. Built from a Config; `run()` returns after a graceful stop."""
+@dataclass
+class OnceReport:
+    """What `collect --once` did."""
 
-    def __init__(self, config: Config, *, sinks: Sinks | None = None, backoff_base: float = 1.0) -> None:
+    collected: dict[str, int]
+    errors: dict[str, str]
+    delivered: int
+    pending: int  # left in the journal for the next run (the sink failed)
+
+
+class Gateway:
+    """Everything `serve` and `collect` run: the LMTP listeners and/or the collectors in front of one journal,
+    dispatcher and set of sinks. Built from a Config; `run()` returns after a graceful stop."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        sinks: Sinks | None = None,
+        backoff_base: float = 1.0,
+        listen: bool = True,
+        collect: bool = False,
+        only_mailbox: str | None = None,
+    ) -> None:
         self.config = config
         self.journal = Journal(config.spool.path, sync=config.spool.sync)
         self.sinks = sinks if sinks is not None else build_sinks(config)
@@ -40,6 +62,12 @@ class Gateway:
             self.intake,
             max_message_size=config.lmtp.max_message_size,
             hostname=config.lmtp.hostname,
+        )
+        self.listening = listen
+        self.collectors: list[MailboxCollector] = (
+            build_collectors(config, self.intake, self.sinks, config.spool.path / "collectors", only_mailbox)
+            if collect
+            else []
         )
         self.stop_requested = asyncio.Event()
         self.started = asyncio.Event()
@@ -53,12 +81,8 @@ class Gateway:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
         try:
-            pending = await asyncio.to_thread(self.journal.open)
-            for entry in pending:
-                self.dispatcher.submit(entry)
-            if pending:
-                log.info("recovered %d pending entries from the journal", len(pending), extra={"event": "recovered"})
-            for spec in self.config.lmtp.listen:
+            await self._open_journal()
+            for spec in self.config.lmtp.listen if self.listening else ():
                 await self.lmtp.listen(
                     spec, socket_mode=self.config.lmtp.socket_mode, socket_group=self.config.lmtp.socket_group
                 )
@@ -70,7 +94,8 @@ class Gateway:
                     group.create_task(self.dispatcher.run(), name="dispatcher")
                     group.create_task(self._sweep_retention(), name="retention")
                     group.create_task(self._rescan_pending(), name="rescan")
-                    group.create_task(self._stop_when_asked(), name="shutdown")
+                    running = [group.create_task(c.run(), name=f"collect-{c.mailbox}") for c in self.collectors]
+                    group.create_task(self._stop_when_asked(running), name="shutdown")
             except* _Stopped:
                 pass
         finally:
@@ -81,16 +106,49 @@ class Gateway:
             self.journal.close()
         log.info("stopped", extra={"event": "stopped"})
 
-    async def _stop_when_asked(self) -> None:
+    async def _open_journal(self) -> None:
+        pending = await asyncio.to_thread(self.journal.open)
+        for entry in pending:
+            self.dispatcher.submit(entry)
+        if pending:
+            log.info("recovered %d pending entries from the journal", len(pending), extra={"event": "recovered"})
+
+    async def _stop_when_asked(self, collectors: list[asyncio.Task[None]]) -> None:
         await self.stop_requested.wait()
         log.info("stopping: no new connections, finishing transactions", extra={"event": "stopping"})
-        await self.lmtp.shutdown()
+        for collector in self.collectors:
+            collector.stop()  # each finishes the batch in hand: fetched messages are committed and settled
+        if self.listening:
+            await self.lmtp.shutdown()
+        if collectors:
+            await asyncio.wait(collectors, timeout=FLUSH_SECONDS)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.dispatcher.flush(), FLUSH_SECONDS)
         waiting = self.dispatcher.backlog
         if waiting:
             log.info("%d entries stay pending in the journal for the next start", waiting, extra={"event": "stopping"})
         raise _Stopped
+
+    async def collect_once(self) -> OnceReport:
+        """`collect --once`: drain every mailbox, give each pending entry its delivery attempt, stop."""
+        report = OnceReport({}, {}, 0, 0)
+        try:
+            await self._open_journal()
+            async with asyncio.TaskGroup() as group:
+                dispatching = group.create_task(self.dispatcher.run(), name="dispatcher")
+                results = await asyncio.gather(*(c.once() for c in self.collectors), return_exceptions=True)
+                await self.dispatcher.flush()
+                dispatching.cancel()
+            for collector, result in zip(self.collectors, results, strict=True):
+                if isinstance(result, BaseException):
+                    report.errors[collector.mailbox] = describe(result)
+                report.collected[collector.mailbox] = collector.status.collected
+            report.delivered = self.dispatcher.stats.delivered
+            report.pending = self.dispatcher.backlog
+        finally:
+            await self.sinks.close()
+            self.journal.close()
+        return report
 
     async def _sweep_retention(self) -> None:
         while True:

@@ -1,0 +1,311 @@
+"""`collect` against a real Dovecot over IMAP: backlog, IDLE, outages, kill -9, UIDVALIDITY, two collectors, TLS."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from lmtp_gateway.config import Config, ConfigError
+from lmtp_gateway.journal import Journal, State
+from lmtp_gateway.service import Gateway
+from tests.conftest import StartGateway, eventually, gateway_yaml, lmtp_gateway_command, make_config
+from tests.gitlab_stub import GitLabStub
+from tests.mailbox import Inspector, deliver_numbered
+from tests.servers.dovecot import DovecotServer
+from tests.test_sidekiq import jobs
+
+
+@pytest.fixture
+def dovecot() -> Iterator[DovecotServer]:
+    with DovecotServer() as server:
+        yield server
+
+
+def imap_settings(dovecot: DovecotServer, **extra: Any) -> dict[str, Any]:
+    return {
+        "address": "incoming+%{key}@incoming.test",
+        "host": dovecot.host,
+        "port": dovecot.imap_port,
+        "user": dovecot.user,
+        "password": dovecot.password,
+        "idle_timeout": 60,
+        **extra,
+    }
+
+
+def collect_config(spool: Path, dovecot: DovecotServer, redis: Any, **extra: Any) -> Config:
+    return make_config(
+        spool,
+        incoming_email={**imap_settings(dovecot, **extra), "delivery_method": "sidekiq"},
+        service_desk_email=None,
+        redis={"url": redis.url},
+    )
+
+
+def _number(raw: bytes) -> int:
+    return int(re.search(rb"Subject: message (\d+)", raw)[1])
+
+
+def subjects(redis: Any) -> Counter[int]:
+    return Counter(_number(job["args"][0].encode()) for job in jobs(redis))
+
+
+async def test_drains_a_backlog_once_and_marks_only_what_is_journaled(
+    dovecot: DovecotServer, redis: Any, tmp_path: Path
+) -> None:
+    deliver_numbered(dovecot, range(300))
+    gateway = Gateway(collect_config(tmp_path / "spool", dovecot, redis), listen=False, collect=True)
+    report = await gateway.collect_once()
+    assert report.errors == {} and report.collected == {"incoming_email": 300}
+    assert report.delivered == 300 and report.pending == 0
+    assert subjects(redis) == Counter(range(300))
+    with Inspector(dovecot) as mailbox:
+        flags = mailbox.flags()
+    assert len(flags) == 300 and all(r"\Seen" in f and r"\Deleted" not in f for f in flags.values())
+    journal = Journal(tmp_path / "spool")
+    delivered = list(journal.entries(State.DELIVERED))
+    assert len(delivered) == 300 and {e.ingress for e in delivered} == {"imap:incoming_email"}
+    # a second run finds nothing new, and delivers nothing twice
+    again = await Gateway(collect_config(tmp_path / "spool", dovecot, redis), listen=False, collect=True).collect_once()
+    assert again.collected == {"incoming_email": 0} and len(jobs(redis)) == 300
+
+
+async def test_delete_and_expunge_after_the_journal_has_it(
+    dovecot: DovecotServer, redis: Any, tmp_path: Path
+) -> None:
+    deliver_numbered(dovecot, range(5))
+    config = collect_config(tmp_path / "spool", dovecot, redis, delete_after_delivery=True, expunge_deleted=True)
+    report = await Gateway(config, listen=False, collect=True).collect_once()
+    assert report.collected == {"incoming_email": 5}
+    with Inspector(dovecot) as mailbox:
+        assert mailbox.flags() == {}
+    assert subjects(redis) == Counter(range(5))
+
+
+async def test_a_message_arriving_while_idle_reaches_redis_within_a_second(
+    dovecot: DovecotServer, redis: Any, tmp_path: Path, start_gateway: StartGateway
+) -> None:
+    running = await start_gateway(collect_config(tmp_path / "spool", dovecot, redis), listen=False, collect=True)
+    (collector,) = running.gateway.collectors
+    await eventually(lambda: collector.status.state == "idle", what="collector idling")
+    sent = time.monotonic()
+    deliver_numbered(dovecot, [7])
+    await eventually(lambda: jobs(redis), timeout=5, what="the job")
+    elapsed = time.monotonic() - sent
+    assert subjects(redis) == Counter([7])
+    assert elapsed < 1.0, f"{elapsed:.3f}s from delivery into Dovecot to the job in Redis"
+
+
+async def test_redis_down_leaves_mail_unread_on_the_server_then_delivers_it_once(
+    dovecot: DovecotServer, redis: Any, tmp_path: Path, start_gateway: StartGateway
+) -> None:
+    deliver_numbered(dovecot, range(40))
+    redis.stop()
+    running = await start_gateway(
+        collect_config(tmp_path / "spool", dovecot, redis), listen=False, collect=True, backoff_base=0.05
+    )
+    (collector,) = running.gateway.collectors
+    await eventually(lambda: collector.status.last_error, what="the collector to report Redis down")
+    assert "Redis" in collector.status.last_error
+    with Inspector(dovecot) as mailbox:  # nothing claimed, nothing taken: all still unread on the server
+        assert len(mailbox.unseen_subjects()) == 40
+    redis.start()
+    await eventually(lambda: len(jobs(redis)) == 40, timeout=30, what="40 jobs after Redis returned")
+    assert subjects(redis) == Counter(range(40))
+    with Inspector(dovecot) as mailbox:
+        assert mailbox.unseen_subjects() == set()
+
+
+async def test_sink_failing_keeps_each_message_unread_or_journaled_then_delivers_it_once(
+    dovecot: DovecotServer, tmp_path: Path, start_gateway: StartGateway
+) -> None:
+    secret = tmp_path / "secret"
+    key = b"k" * 32
+    import base64
+
+    secret.write_text(base64.b64encode(key).decode())
+    secret.chmod(0o600)
+    gitlab = GitLabStub(key, scripted=[502] * 30).start()
+    try:
+        deliver_numbered(dovecot, range(20))
+        config = make_config(
+            tmp_path / "spool",
+            gitlab={"url": gitlab.url},
+            incoming_email={**imap_settings(dovecot), "delivery_method": "webhook", "secret_file": str(secret)},
+            service_desk_email=None,
+        )
+        running = await start_gateway(config, listen=False, collect=True, backoff_base=0.05)
+        dispatcher = running.gateway.dispatcher
+        await eventually(lambda: dispatcher.stats.transient >= 20, what="failed deliveries")
+        journal = running.gateway.journal
+        journaled = {_number(journal.read_message(e)) for e in journal.entries(State.PENDING)}
+        with Inspector(dovecot) as mailbox:
+            unread = {int(subject.split()[1]) for subject in mailbox.unseen_subjects()}
+        assert journaled | unread == set(range(20))  # each one unread on the server or safe in the journal
+        await eventually(lambda: len(gitlab.received) == 20, timeout=30, what="20 webhook deliveries")
+        assert Counter(_number(r.body) for r in gitlab.received) == Counter(range(20))
+    finally:
+        gitlab.stop()
+
+
+def _collect_process(config_path: Path, log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as output:
+        return subprocess.Popen(
+            [*lmtp_gateway_command(), "collect", "--config", str(config_path), "--log-json"],
+            stdout=output,
+            stderr=output,
+        )
+
+
+async def test_killed_mid_batch_and_restarted_loses_and_doubles_nothing(
+    dovecot: DovecotServer, redis: Any, tmp_path: Path
+) -> None:
+    total = 400
+    deliver_numbered(dovecot, range(total))
+    config_path = tmp_path / "collect.yml"
+    data = gateway_yaml(
+        tmp_path / "spool",
+        incoming_email={**imap_settings(dovecot), "delivery_method": "sidekiq"},
+        service_desk_email=None,
+        redis={"url": redis.url},
+    )
+    config_path.write_text(yaml.safe_dump(data))
+    log = tmp_path / "collect.log"
+    for _ in range(3):
+        process = _collect_process(config_path, log)
+        try:
+            seen = len(jobs(redis))
+            await eventually(
+                lambda seen=seen: len(jobs(redis)) > seen or len(jobs(redis)) == total, timeout=20, what="progress"
+            )
+        finally:
+            process.send_signal(signal.SIGKILL)
+            process.wait(10)
+        if len(jobs(redis)) == total:
+            break
+    process = _collect_process(config_path, log)
+    try:
+        await eventually(lambda: len(jobs(redis)) >= total, timeout=60, what=f"{total} jobs")
+        with Inspector(dovecot) as mailbox:
+            await eventually(lambda: not mailbox.unseen_subjects(), timeout=20, what="everything marked read")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0, log.read_text()[-3000:]
+    assert subjects(redis) == Counter(range(total))
+    journal = Journal(tmp_path / "spool")
+    assert len(list(journal.entries(State.DELIVERED))) == total  # one journal entry per message: no second copy
+
+
+async def test_uidvalidity_change_collects_new_mail_and_recognises_old(
+    dovecot: DovecotServer, redis: Any, tmp_path: Path
+) -> None:
+    spool = tmp_path / "spool"
+    deliver_numbered(dovecot, range(5))
+    assert (await Gateway(collect_config(spool, dovecot, redis), listen=False, collect=True).collect_once()).collected
+    (state_file,) = (spool / "collectors").glob("*.json")
+    before = json.loads(state_file.read_text())["uidvalidity"]
+    # Dovecot gives the mailbox a new UIDVALIDITY when its UID list is lost; the flags live in the file names
+    (uidlist,) = dovecot.maildir().parent.glob("dovecot-uidlist")
+    uidlist.unlink()
+    deliver_numbered(dovecot, range(5, 8))
+    with Inspector(dovecot) as mailbox:
+        mailbox.mark_unseen(mailbox.flags())  # the server forgot everything: all five old ones look new
+    report = await Gateway(collect_config(spool, dovecot, redis), listen=False, collect=True).collect_once()
+    assert json.loads(state_file.read_text())["uidvalidity"] != before
+    assert report.collected == {"incoming_email": 3}  # the journal recognised the five it already had
+    assert subjects(redis) == Counter(range(8))
+    with Inspector(dovecot) as mailbox:
+        assert mailbox.unseen_subjects() == set()
+
+
+async def test_two_collectors_on_one_mailbox_take_each_message_once(
+    dovecot: DovecotServer, redis: Any, tmp_path: Path
+) -> None:
+    total = 300
+    deliver_numbered(dovecot, range(total))
+    gateways = [
+        Gateway(collect_config(tmp_path / f"spool{n}", dovecot, redis), listen=False, collect=True) for n in (1, 2)
+    ]
+    reports = await asyncio.gather(*(g.collect_once() for g in gateways))
+    taken = [r.collected["incoming_email"] for r in reports]
+    assert sum(taken) == total, taken  # no message journaled by both
+    journaled = [
+        {e.id for e in Journal(tmp_path / f"spool{n}").entries(State.DELIVERED)} for n in (1, 2)
+    ]
+    assert not journaled[0] & journaled[1]
+    assert subjects(redis) == Counter(range(total))
+
+
+async def test_starttls_verifies_the_certificate(dovecot_tls: DovecotServer, redis: Any, tmp_path: Path) -> None:
+    cert = dovecot_tls.tmpdir / "tls.pem"
+    deliver_numbered(dovecot_tls, range(2))
+    untrusted = collect_config(tmp_path / "a", dovecot_tls, redis, start_tls=True)
+    report = await Gateway(untrusted, listen=False, collect=True).collect_once()
+    assert "certificate not trusted" in report.errors["incoming_email"]
+    assert "ssl_ca_file" in report.errors["incoming_email"]
+    trusted = collect_config(tmp_path / "b", dovecot_tls, redis, start_tls=True, ssl_ca_file=str(cert))
+    # the certificate names mx.test, not 127.0.0.1: verification still fails on the name
+    report = await Gateway(trusted, listen=False, collect=True).collect_once()
+    assert "incoming_email" in report.errors
+    relaxed = collect_config(tmp_path / "c", dovecot_tls, redis, start_tls=True, ssl_verify=False)
+    report = await Gateway(relaxed, listen=False, collect=True).collect_once()
+    assert report.errors == {} and report.collected == {"incoming_email": 2}
+
+
+@pytest.fixture
+def dovecot_tls(tmp_path: Path) -> Iterator[DovecotServer]:
+    from tests.servers.postfix import self_signed_certificate
+
+    directory = tmp_path / "tls"
+    directory.mkdir()
+    cert, key = self_signed_certificate(directory)
+    server = DovecotServer(extra_config=f"ssl = yes\nssl_cert = <{cert}\nssl_key = <{key}\n")
+    with server:
+        (server.tmpdir / "tls.pem").write_bytes(cert.read_bytes())
+        yield server
+
+
+def test_collect_without_a_collected_mailbox_says_what_to_configure(tmp_path: Path) -> None:
+    config = tmp_path / "gw.yml"
+    config.write_text(yaml.safe_dump(gateway_yaml(tmp_path / "spool")))
+    done = subprocess.run(
+        [*lmtp_gateway_command(), "collect", "--config", str(config), "--once"], capture_output=True, text=True
+    )
+    assert done.returncode != 0
+    assert "no mailbox to collect from" in done.stderr and ".host" in done.stderr
+
+
+def test_a_second_owner_of_the_journal_is_refused(tmp_path: Path) -> None:
+    first = Journal(tmp_path / "spool")
+    first.open()
+    try:
+        from lmtp_gateway.journal import JournalError
+
+        with pytest.raises(JournalError, match="in use by another lmtp-gateway process"):
+            Journal(tmp_path / "spool").open()
+    finally:
+        first.close()
+    second = Journal(tmp_path / "spool")
+    second.open()  # free again once the first owner closed it
+    second.close()
+
+
+def test_imap_settings_missing_password_is_a_config_error(tmp_path: Path) -> None:
+    from lmtp_gateway.collect import build_source
+
+    config = make_config(
+        tmp_path / "spool", incoming_email={"host": "imap.example.com", "user": "gitlab"}, service_desk_email=None
+    )
+    with pytest.raises(ConfigError, match=r"incoming_email.password: missing"):
+        build_source(config, config.mailboxes["incoming_email"], tmp_path)
