@@ -126,17 +126,19 @@ class MailboxCollector:
         results = await asyncio.gather(
             *(self._commit(raws.pop(ref.handle)) for ref in fetched), return_exceptions=True
         )  # concurrently, so the journal's group flush covers them together
-        committed = [ref for ref, result in zip(fetched, results, strict=True) if result is None]
-        left += [ref for ref, result in zip(fetched, results, strict=True) if result is not None]
+        committed = [ref for ref, result in zip(fetched, results, strict=True) if isinstance(result, bool)]
+        left += [ref for ref, result in zip(fetched, results, strict=True) if not isinstance(result, bool)]
+        new = sum(1 for result in results if result is True)
         await self.arbiter.finish([ref.key for ref in committed])
         await self.source.settle(committed + done_elsewhere)
         await self.arbiter.release([ref.key for ref in left])
-        self.status.collected += len(committed)
+        self.status.collected += new
         if committed:
             log.info(
-                "%s: collected %d message(s)",
+                "%s: collected %d message(s), %d already in the journal",
                 self.source.name,
-                len(committed),
+                new,
+                len(committed) - new,
                 extra={"event": "collected", "mailbox": self.mailbox, "ingress": self.ingress},
             )
         errors = [result for result in results if isinstance(result, BaseException)]
@@ -144,10 +146,12 @@ class MailboxCollector:
             raise errors[0]
         return committed, committed + done_elsewhere
 
-    async def _commit(self, raw: bytes) -> None:
-        await self.intake.accept(
+    async def _commit(self, raw: bytes) -> bool:
+        """Into the journal; False when it was there already (fetched again after a crash or a lost flag)."""
+        (acceptance,) = await self.intake.accept(
             Intake.received(raw), None, [None], ingress=self.ingress, mailbox=self.mailbox, keep_rejected=True
         )
+        return not acceptance.duplicate
 
     # --- supervision ---
 

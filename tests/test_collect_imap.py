@@ -215,9 +215,10 @@ async def test_uidvalidity_change_collects_new_mail_and_recognises_old(
     assert (await Gateway(collect_config(spool, dovecot, redis), listen=False, collect=True).collect_once()).collected
     (state_file,) = (spool / "collectors").glob("*.json")
     before = json.loads(state_file.read_text())["uidvalidity"]
-    # Dovecot gives the mailbox a new UIDVALIDITY when its UID list is lost; the flags live in the file names
-    (uidlist,) = dovecot.maildir().parent.glob("dovecot-uidlist")
-    uidlist.unlink()
+    # Dovecot gives the mailbox a new UIDVALIDITY when its UID list and indexes are lost (the flags live on, in
+    # the file names)
+    for path in [*dovecot.maildir().glob("dovecot.index*"), dovecot.maildir() / "dovecot-uidlist"]:
+        path.unlink()
     deliver_numbered(dovecot, range(5, 8))
     with Inspector(dovecot) as mailbox:
         mailbox.mark_unseen(mailbox.flags())  # the server forgot everything: all five old ones look new
