@@ -451,5 +451,109 @@ def spool_stats(config_path: str | None, as_json: bool) -> None:
     click.echo(f"  oldest pending: {f'{age} s' if age is not None else '-'}")
 
 
+# --- secret ---
+
+
+@main.group()
+def secret() -> None:
+    """GitLab-compatible encrypted credentials (user and password of a mailbox).
+
+    The files are GitLab's own: what `gitlab-rake gitlab:incoming_email:secret:edit` writes
+    (incoming_email.yaml.enc), with the key from GitLab's encrypted_settings_key_base.
+    """
+
+
+def _key_bases(key_file: str | None, config_path: str | None, generate: bool = False) -> list[str]:
+    from lmtp_gateway.secrets import KEY_FILE_KEY, create_key_file, read_key_bases
+
+    if key_file is None and config_path is not None:
+        import yaml
+
+        try:
+            data = yaml.safe_load(Path(config_path).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as error:
+            raise click.ClickException(f"{config_path}: cannot read: {error}") from None
+        key_file = data.get(KEY_FILE_KEY) if isinstance(data, dict) else None
+        if key_file is None:
+            raise click.ClickException(f"{config_path}: no {KEY_FILE_KEY}; give --key-file")
+    if key_file is None:
+        raise click.UsageError("give --key-file KEY (or --config FILE with encrypted_settings_key_file)")
+    try:
+        if generate:
+            create_key_file(Path(key_file))
+            click.echo(f"new key written to {key_file} (mode 0600); keep a copy: without it the file is lost", err=True)
+        return read_key_bases(Path(key_file))
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from None
+
+
+_key_file_option = click.option(
+    "--key-file",
+    metavar="KEY",
+    help="File with the key: just the key, GitLab's config/secrets.yml or /etc/gitlab/gitlab-secrets.json.",
+)
+_secret_config_option = click.option(
+    "--config", "config_path", metavar="FILE", help="Use this configuration's encrypted_settings_key_file as KEY."
+)
+
+
+@secret.command("edit")
+@_key_file_option
+@_secret_config_option
+@click.option("--generate-key", is_flag=True, help="Create KEY with a new random key first (mode 0600).")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+def secret_edit(key_file: str | None, config_path: str | None, generate_key: bool, file: Path) -> None:
+    """Edit the encrypted credentials FILE in $EDITOR (creating it if it does not exist).
+
+    The decrypted text is written to a 0600 file in a private temporary directory, re-encrypted when the editor
+    exits and removed in every case. Content that is not a YAML mapping is not saved.
+
+    \b
+    Examples:
+      EDITOR=vim lmtp-gateway secret edit /etc/lmtp-gateway/incoming_email.yaml.enc --key-file /etc/lmtp-gateway/key
+      lmtp-gateway secret edit new.yaml.enc --key-file /etc/lmtp-gateway/key --generate-key
+      lmtp-gateway secret edit /var/opt/gitlab/gitlab-rails/shared/encrypted_settings/incoming_email.yaml.enc \\
+          --key-file /etc/gitlab/gitlab-secrets.json
+    """
+    import os
+
+    from lmtp_gateway.secrets import edit_encrypted
+
+    editor = os.environ.get("EDITOR") or os.environ.get("VISUAL")
+    if not editor:
+        raise click.UsageError(f"no $EDITOR: run it as EDITOR=vi lmtp-gateway secret edit {file} ...")
+    if not file.parent.is_dir():
+        raise click.ClickException(f"{file.parent}: no such directory; create it first")
+    key_bases = _key_bases(key_file, config_path, generate=generate_key)
+    try:
+        result = edit_encrypted(file, key_bases, editor)
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from None
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(f"{file}: {'encrypted and saved' if result.changed else 'unchanged'}", err=True)
+
+
+@secret.command("show")
+@_key_file_option
+@_secret_config_option
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+def secret_show(key_file: str | None, config_path: str | None, file: Path) -> None:
+    """Print the decrypted content of the encrypted credentials FILE.
+
+    \b
+    Example:
+      lmtp-gateway secret show /etc/lmtp-gateway/incoming_email.yaml.enc --key-file /etc/lmtp-gateway/key
+    """
+    from lmtp_gateway.secrets import read_encrypted_text
+
+    if not file.exists():
+        raise click.ClickException(f"{file}: no such file; create it with: lmtp-gateway secret edit {file}")
+    try:
+        click.echo(read_encrypted_text(file, _key_bases(key_file, config_path)), nl=False)
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from None
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
