@@ -451,6 +451,66 @@ def spool_stats(config_path: str | None, as_json: bool) -> None:
     click.echo(f"  oldest pending: {f'{age} s' if age is not None else '-'}")
 
 
+# --- config import ---
+
+
+@main.group("config")
+def config_group() -> None:
+    """Make a gateway configuration from GitLab's."""
+
+
+@config_group.command("import")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), help="Write here instead of stdout.")
+@click.option("--include-secrets", is_flag=True, help="Copy passwords and client secrets in plain text.")
+@click.option(
+    "--secrets-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write each secret to its own 0600 file here and refer to it with *_file.",
+)
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def config_import(output: Path | None, include_secrets: bool, secrets_dir: Path | None, file: Path) -> None:
+    """Convert GitLab's gitlab.rb (Omnibus) or gitlab.yml into the gateway's YAML.
+
+    Reads the gitlab_rails['incoming_email_*'] and ['service_desk_email_*'] settings, external_url and the Redis
+    settings (for sidekiq delivery). gitlab.rb is never run: statements that are not plain literals are reported
+    on stderr and skipped. Secrets are not copied by default: each becomes password_env: VARIABLE (to set in the
+    service's environment); --secrets-dir writes them to 0600 files, --include-secrets copies them inline.
+    --output writes the file with mode 0600 when it holds a secret.
+
+    \b
+    Examples:
+      lmtp-gateway config import /etc/gitlab/gitlab.rb
+      lmtp-gateway config import /etc/gitlab/gitlab.rb -o /etc/lmtp-gateway/gateway.yml \\
+          --secrets-dir /etc/lmtp-gateway/secrets
+      lmtp-gateway config import /home/git/gitlab/config/gitlab.yml
+    """
+    from lmtp_gateway.config_import import import_file, render, write_private
+
+    if include_secrets and secrets_dir:
+        raise click.UsageError("give either --include-secrets or --secrets-dir, not both")
+    secrets_dir = secrets_dir.resolve() if secrets_dir else None  # the gateway may run from another directory
+    try:
+        imported = import_file(file, include_secrets=include_secrets, secrets_dir=secrets_dir)
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from None
+    for warning in imported.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    if secrets_dir is not None and imported.secret_files:
+        secrets_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for path, value in imported.secret_files.items():
+            write_private(path, value + "\n")
+            click.echo(f"wrote {path} (mode 0600)", err=True)
+    text = render(imported, str(file))
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    if imported.has_inline_secret:
+        write_private(output, text)
+    else:
+        output.write_text(text, encoding="utf-8")
+    click.echo(f"wrote {output}{' (mode 0600: it holds secrets)' if imported.has_inline_secret else ''}", err=True)
+
+
 # --- secret ---
 
 
