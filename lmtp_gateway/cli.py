@@ -456,7 +456,12 @@ def spool_stats(config_path: str | None, as_json: bool) -> None:
 
 @main.group("config")
 def config_group() -> None:
-    """Make a gateway configuration from GitLab's."""
+    """Make a gateway configuration from GitLab's.
+
+    \b
+    Example:
+      lmtp-gateway config import /etc/gitlab/gitlab.rb > gateway.yml
+    """
 
 
 @config_group.command("import")
@@ -520,6 +525,10 @@ def secret() -> None:
 
     The files are GitLab's own: what `gitlab-rake gitlab:incoming_email:secret:edit` writes
     (incoming_email.yaml.enc), with the key from GitLab's encrypted_settings_key_base.
+
+    \b
+    Example:
+      lmtp-gateway secret show incoming_email.yaml.enc --key-file /etc/gitlab/gitlab-secrets.json
     """
 
 
