@@ -509,5 +509,178 @@ def spool_stats(config_path: str | None, as_json: bool) -> None:
     click.echo(f"  oldest pending: {f'{age} s' if age is not None else '-'}")
 
 
+# --- config import ---
+
+
+@main.group("config")
+def config_group() -> None:
+    """Make a gateway configuration from GitLab's.
+
+    \b
+    Example:
+      lmtp-gateway config import /etc/gitlab/gitlab.rb > gateway.yml
+    """
+
+
+@config_group.command("import")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), help="Write here instead of stdout.")
+@click.option("--include-secrets", is_flag=True, help="Copy passwords and client secrets in plain text.")
+@click.option(
+    "--secrets-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write each secret to its own 0600 file here and refer to it with *_file.",
+)
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def config_import(output: Path | None, include_secrets: bool, secrets_dir: Path | None, file: Path) -> None:
+    """Convert GitLab's gitlab.rb (Omnibus) or gitlab.yml into the gateway's YAML.
+
+    Reads the gitlab_rails['incoming_email_*'] and ['service_desk_email_*'] settings, external_url and the Redis
+    settings (for sidekiq delivery). gitlab.rb is never run: statements that are not plain literals are reported
+    on stderr and skipped. Secrets are not copied by default: each becomes password_env: VARIABLE (to set in the
+    service's environment); --secrets-dir writes them to 0600 files, --include-secrets copies them inline.
+    --output writes the file with mode 0600 when it holds a secret.
+
+    \b
+    Examples:
+      lmtp-gateway config import /etc/gitlab/gitlab.rb
+      lmtp-gateway config import /etc/gitlab/gitlab.rb -o /etc/lmtp-gateway/gateway.yml \\
+          --secrets-dir /etc/lmtp-gateway/secrets
+      lmtp-gateway config import /home/git/gitlab/config/gitlab.yml
+    """
+    from lmtp_gateway.config_import import import_file, render, write_private
+
+    if include_secrets and secrets_dir:
+        raise click.UsageError("give either --include-secrets or --secrets-dir, not both")
+    secrets_dir = secrets_dir.resolve() if secrets_dir else None  # the gateway may run from another directory
+    try:
+        imported = import_file(file, include_secrets=include_secrets, secrets_dir=secrets_dir)
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from None
+    for warning in imported.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    if secrets_dir is not None and imported.secret_files:
+        secrets_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for path, value in imported.secret_files.items():
+            write_private(path, value + "\n")
+            click.echo(f"wrote {path} (mode 0600)", err=True)
+    text = render(imported, str(file))
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    if imported.has_inline_secret:
+        write_private(output, text)
+    else:
+        output.write_text(text, encoding="utf-8")
+    click.echo(f"wrote {output}{' (mode 0600: it holds secrets)' if imported.has_inline_secret else ''}", err=True)
+
+
+# --- secret ---
+
+
+@main.group()
+def secret() -> None:
+    """GitLab-compatible encrypted credentials (user and password of a mailbox).
+
+    The files are GitLab's own: what `gitlab-rake gitlab:incoming_email:secret:edit` writes
+    (incoming_email.yaml.enc), with the key from GitLab's encrypted_settings_key_base.
+
+    \b
+    Example:
+      lmtp-gateway secret show incoming_email.yaml.enc --key-file /etc/gitlab/gitlab-secrets.json
+    """
+
+
+def _key_bases(key_file: str | None, config_path: str | None, generate: bool = False) -> list[str]:
+    from lmtp_gateway.secrets import KEY_FILE_KEY, create_key_file, read_key_bases
+
+    if key_file is None and config_path is not None:
+        import yaml
+
+        try:
+            data = yaml.safe_load(Path(config_path).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as error:
+            raise click.ClickException(f"{config_path}: cannot read: {error}") from None
+        key_file = data.get(KEY_FILE_KEY) if isinstance(data, dict) else None
+        if key_file is None:
+            raise click.ClickException(f"{config_path}: no {KEY_FILE_KEY}; give --key-file")
+    if key_file is None:
+        raise click.UsageError("give --key-file KEY (or --config FILE with encrypted_settings_key_file)")
+    try:
+        if generate:
+            create_key_file(Path(key_file))
+            click.echo(f"new key written to {key_file} (mode 0600); keep a copy: without it the file is lost", err=True)
+        return read_key_bases(Path(key_file))
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from None
+
+
+_key_file_option = click.option(
+    "--key-file",
+    metavar="KEY",
+    help="File with the key: just the key, GitLab's config/secrets.yml or /etc/gitlab/gitlab-secrets.json.",
+)
+_secret_config_option = click.option(
+    "--config", "config_path", metavar="FILE", help="Use this configuration's encrypted_settings_key_file as KEY."
+)
+
+
+@secret.command("edit")
+@_key_file_option
+@_secret_config_option
+@click.option("--generate-key", is_flag=True, help="Create KEY with a new random key first (mode 0600).")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+def secret_edit(key_file: str | None, config_path: str | None, generate_key: bool, file: Path) -> None:
+    """Edit the encrypted credentials FILE in $EDITOR (creating it if it does not exist).
+
+    The decrypted text is written to a 0600 file in a private temporary directory, re-encrypted when the editor
+    exits and removed in every case. Content that is not a YAML mapping is not saved.
+
+    \b
+    Examples:
+      EDITOR=vim lmtp-gateway secret edit /etc/lmtp-gateway/incoming_email.yaml.enc --key-file /etc/lmtp-gateway/key
+      lmtp-gateway secret edit new.yaml.enc --key-file /etc/lmtp-gateway/key --generate-key
+      lmtp-gateway secret edit /var/opt/gitlab/gitlab-rails/shared/encrypted_settings/incoming_email.yaml.enc \\
+          --key-file /etc/gitlab/gitlab-secrets.json
+    """
+    import os
+
+    from lmtp_gateway.secrets import edit_encrypted
+
+    editor = os.environ.get("EDITOR") or os.environ.get("VISUAL")
+    if not editor:
+        raise click.UsageError(f"no $EDITOR: run it as EDITOR=vi lmtp-gateway secret edit {file} ...")
+    if not file.parent.is_dir():
+        raise click.ClickException(f"{file.parent}: no such directory; create it first")
+    key_bases = _key_bases(key_file, config_path, generate=generate_key)
+    try:
+        result = edit_encrypted(file, key_bases, editor)
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from None
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(f"{file}: {'encrypted and saved' if result.changed else 'unchanged'}", err=True)
+
+
+@secret.command("show")
+@_key_file_option
+@_secret_config_option
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+def secret_show(key_file: str | None, config_path: str | None, file: Path) -> None:
+    """Print the decrypted content of the encrypted credentials FILE.
+
+    \b
+    Example:
+      lmtp-gateway secret show /etc/lmtp-gateway/incoming_email.yaml.enc --key-file /etc/lmtp-gateway/key
+    """
+    from lmtp_gateway.secrets import read_encrypted_text
+
+    if not file.exists():
+        raise click.ClickException(f"{file}: no such file; create it with: lmtp-gateway secret edit {file}")
+    try:
+        click.echo(read_encrypted_text(file, _key_bases(key_file, config_path)), nl=False)
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from None
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

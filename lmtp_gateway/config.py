@@ -143,7 +143,14 @@ Schema = Mapping[str, "Checker | Mapping[str, Any]"]
 
 SECRET_KEYS = frozenset({"password", "client_secret", "sentinel_password"})
 
-INBOX_OPTIONS: Schema = {
+
+def _with_secret_sources(schema: dict[str, Any]) -> dict[str, Any]:
+    """Each secret key may also be given as <key>_file (a private file) or <key>_env (a variable); see secrets.py."""
+    extra = {f"{key}{suffix}": _string for key in schema if key in SECRET_KEYS for suffix in ("_file", "_env")}
+    return {**schema, **extra}
+
+
+INBOX_OPTIONS: Schema = _with_secret_sources({
     "tenant_id": _string,
     "client_id": _string,
     "client_secret": _string,
@@ -151,9 +158,9 @@ INBOX_OPTIONS: Schema = {
     "azure_ad_endpoint": _string,
     "graph_endpoint": _string,
     "scope": _string,  # ours: the token scope for IMAP XOAUTH2 (default Exchange Online's)
-}
+})
 
-MAILBOX_SCHEMA: Schema = {
+MAILBOX_SCHEMA: Schema = _with_secret_sources({
     "enabled": _boolean,
     "address": _string,
     "user": _string,
@@ -175,7 +182,7 @@ MAILBOX_SCHEMA: Schema = {
     "encrypted_secret_file": _string,
     "maildir_path": _string,  # delivery_method: maildir only; default <spool.path>/maildir/<mailbox>
     "log_path": _string,  # gitlab.yml carries it for mail_room; accepted and unused
-}
+})
 
 SCHEMA: Schema = {
     "gitlab": {"host": _string, "url": _string},
@@ -188,16 +195,17 @@ SCHEMA: Schema = {
         "socket_group": _string,
         "hostname": _string,
     },
-    "redis": {
+    "redis": _with_secret_sources({
         "url": _string,
         "sentinels": _sentinels,
         "sentinel_password": _string,
         "queue": _string,
         "namespace": _string,
         "timestamp_style": _choice(*TIMESTAMP_STYLES),
-    },
+    }),
     "policy": {"listen": _string_list},
     "spool": {"path": _string, "retention": parse_duration, "sync": _sync_method},
+    "encrypted_settings_key_file": _string,  # GitLab's encrypted_settings_key_base, for encrypted_secret_file
 }
 
 
@@ -238,7 +246,9 @@ class MailboxConfig:
     template: AddressTemplate
     delivery_method: str
     secret_file: Path | None = None
-    settings: Mapping[str, Any] = field(default_factory=dict)  # the collector keys, as given
+    # The collector keys as given, with secrets resolved (settings["password"], settings["inbox_options"]
+    # ["client_secret"], settings["user"] from an encrypted file); kept out of repr so no secret is ever printed.
+    settings: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
 
 @dataclass(frozen=True)
@@ -372,10 +382,18 @@ def _from_gitlab_yml(data: dict[str, Any], source: str, warnings: list[str]) -> 
             if unknown:
                 warnings.append(f"{source}: production.{name}: ignoring keys {', '.join(unknown)}")
             result[name] = section
+    # GitLab's mail_room reads encrypted_settings_key_base from config/secrets.yml beside gitlab.yml; so do we.
+    secrets_yml = Path(source).parent / "secrets.yml"
+    wanted = any(isinstance(result.get(n), dict) and result[n].get("encrypted_secret_file") for n in MAILBOX_TYPES)
+    if wanted and secrets_yml.is_file():
+        result["encrypted_settings_key_file"] = str(secrets_yml)
     return result
 
 
 def _build(data: dict[str, Any], source: str, default_delivery: str, warnings: tuple[str, ...]) -> Config:
+    from lmtp_gateway.secrets import resolve_secrets  # secrets.py raises this module's ConfigError
+
+    data = resolve_secrets(data, source, MAILBOX_TYPES)
     gitlab = data.get("gitlab", {})
     mailboxes: dict[str, MailboxConfig] = {}
     for name in MAILBOX_TYPES:

@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import socket
-import stat
 import time
 import uuid
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from redis.asyncio.sentinel import Sentinel
 from lmtp_gateway.config import Config, ConfigError, MailboxConfig, RedisConfig
 from lmtp_gateway.journal import Entry
 from lmtp_gateway.rules import INCOMING_EMAIL, SERVICE_DESK_EMAIL
+from lmtp_gateway.secrets import check_secret_file
 
 
 @dataclass(frozen=True)
@@ -138,16 +138,6 @@ class SidekiqSink:
 
 
 # --- webhook (GitLab's internal mail_room API) ---
-
-
-def check_secret_file(path: Path) -> None:
-    """Refuse a secret anyone on the machine can read."""
-    try:
-        mode = path.stat().st_mode
-    except OSError as error:
-        raise ConfigError(f"{path}: cannot read secret file: {error.strerror}") from None
-    if mode & stat.S_IROTH:
-        raise ConfigError(f"{path}: secret file is world-readable; fix with: chmod o-rwx {path}")
 
 
 def read_webhook_key(path: Path) -> bytes:

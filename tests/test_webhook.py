@@ -55,7 +55,7 @@ def test_token_claims() -> None:
 
 def test_secret_file_rules(tmp_path: Path) -> None:
     assert read_webhook_key(secret_file(tmp_path)) == KEY
-    with pytest.raises(ConfigError, match="world-readable; fix with: chmod o-rwx"):
+    with pytest.raises(ConfigError, match="world-readable; fix with: chmod 600"):
         read_webhook_key(secret_file(tmp_path, mode=0o644))
     with pytest.raises(ConfigError, match="decodes to 16 bytes; GitLab needs exactly 32"):
         read_webhook_key(secret_file(tmp_path, key=os.urandom(16)))
