@@ -106,10 +106,20 @@ def render_verdict(verdict: Verdict, config: Config) -> str:
 @config_option
 @click.option("--listen", multiple=True, metavar="ADDR", help="Override lmtp.listen: HOST:PORT or unix:PATH.")
 @click.option("--spool", metavar="DIR", type=click.Path(file_okay=False), help="Override spool.path.")
+@click.option(
+    "--monitoring-listen",
+    metavar="HOST:PORT",
+    help="Override monitoring.listen (/metrics, /livez, /readyz; default 127.0.0.1:9425); off to disable.",
+)
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--log-json/--log-text", default=None, help="Log format (default: JSON unless on a terminal).")
 def serve(
-    config_path: str | None, listen: tuple[str, ...], spool: str | None, log_level: str, log_json: bool | None
+    config_path: str | None,
+    listen: tuple[str, ...],
+    spool: str | None,
+    monitoring_listen: str | None,
+    log_level: str,
+    log_json: bool | None,
 ) -> None:
     """Receive mail from Postfix over LMTP and deliver it to GitLab.
 
@@ -121,9 +131,11 @@ def serve(
     Example (embedded default: LMTP on 127.0.0.1:2424, Maildir under ~/.local/state/lmtp-gateway):
       lmtp-gateway serve
       lmtp-gateway serve --config /etc/lmtp-gateway/config.yml --listen unix:/run/lmtp-gateway/lmtp.sock
+      lmtp-gateway serve --monitoring-listen 127.0.0.1:9100     # then: curl -s 127.0.0.1:9100/metrics
     """
     from dataclasses import replace
 
+    from lmtp_gateway.config import monitoring_listen_option
     from lmtp_gateway.service import Gateway
 
     setup_logging(log_level, log_json)
@@ -133,18 +145,24 @@ def serve(
     if spool:
         config = replace(config, spool=replace(config.spool, path=Path(spool)))
     try:
+        if monitoring_listen is not None:
+            listen_on = monitoring_listen_option(monitoring_listen, "--monitoring-listen")
+            config = replace(config, monitoring=replace(config.monitoring, listen=listen_on))
         gateway = Gateway(config)
     except ConfigError as error:
         raise click.ClickException(str(error)) from None
 
     def ready(running: Gateway) -> None:
+        monitoring = f"; monitoring http://{running.ops.address}/metrics" if running.ops.address else ""
         click.echo(
-            f"lmtp-gateway: listening on {', '.join(running.lmtp.addresses)}; journal {config.spool.path}",
+            f"lmtp-gateway: listening on {', '.join(running.lmtp.addresses)}; journal {config.spool.path}{monitoring}",
             err=True,
         )
 
     try:
         asyncio.run(gateway.run(on_ready=ready))
+    except ConfigError as error:
+        raise click.ClickException(f"cannot start: {error}") from None
     except OSError as error:
         raise click.ClickException(f"cannot start: {error}") from None
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from lmtp_gateway.dispatch import Dispatcher
 from lmtp_gateway.headers import parse_headers
 from lmtp_gateway.journal import ID_LENGTH, Draft, Entry, Journal, State, envelope_headers, fingerprint
+from lmtp_gateway.metrics import Metrics
 from lmtp_gateway.rules import RoutingTable, Verdict, route
 
 log = logging.getLogger(__name__)
@@ -42,10 +43,13 @@ class Received:
 
 
 class Intake:
-    def __init__(self, table: RoutingTable, journal: Journal, dispatcher: Dispatcher | None) -> None:
+    def __init__(
+        self, table: RoutingTable, journal: Journal, dispatcher: Dispatcher | None, metrics: Metrics | None = None
+    ) -> None:
         self.table = table
         self.journal = journal
         self.dispatcher = dispatcher
+        self.metrics = metrics or (dispatcher.metrics if dispatcher is not None else Metrics())
 
     @staticmethod
     def received(raw: bytes) -> Received:
@@ -72,6 +76,7 @@ class Intake:
     async def _accept(
         self, received: Received, mail_from: str | None, rcpts: list[str | None], ingress: str, mailbox: str | None
     ) -> list[Acceptance]:
+        self.metrics.received(ingress)
         headers = parse_headers(received.head)
         now = time.time()
         results: list[Acceptance] = []
@@ -79,6 +84,10 @@ class Intake:
         for rcpt in rcpts:
             verdict = route(self.table, received.head, rcpt=rcpt, mailbox=mailbox, headers=headers)
             if verdict.verdict == "reject":
+                # Over LMTP, RCPT already refused unknown addresses; replayed files and collectors meet them here.
+                self.metrics.refused("unknown_address" if verdict.reason.startswith("envelope") else "no_key")
+                facts = {"event": "rejected", "verdict": "reject", "reason": verdict.reason, "ingress": ingress}
+                log.info("rejected", extra={**facts, "rcpt": rcpt, "mail_from": mail_from})
                 results.append(Acceptance(rcpt, verdict))
                 continue
             identity = fingerprint(received.digest, verdict.mailbox or "-", rcpt or "")
@@ -110,6 +119,7 @@ class Intake:
         await self.journal.commit(drafts)
         for draft in drafts:
             entry = draft.entry
+            self.metrics.committed(entry.mailbox, dropped=entry.state is State.DROPPED)
             log.info(
                 "accepted" if entry.state is State.PENDING else "dropped",
                 extra={
@@ -119,6 +129,7 @@ class Intake:
                     "key": entry.key,
                     "handler": entry.handler,
                     "source": entry.source,
+                    "verdict": "deliver" if entry.state is State.PENDING else "drop",
                     "ingress": ingress,
                     "rcpt": entry.rcpt,
                     "mail_from": mail_from,

@@ -1,4 +1,5 @@
-"""The running daemon: wires journal, sinks, dispatcher, intake and the LMTP listeners under one TaskGroup."""
+"""The running daemon: wires journal, sinks, dispatcher, intake, the LMTP listeners and the monitoring listener
+under one TaskGroup."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from lmtp_gateway.dispatch import Dispatcher
 from lmtp_gateway.ingress import LmtpServer
 from lmtp_gateway.intake import Intake
 from lmtp_gateway.journal import Journal, State
+from lmtp_gateway.metrics import Metrics
+from lmtp_gateway.ops import PROBE_CACHE_SECONDS, OpsServer, Readiness
 from lmtp_gateway.sinks import Sinks, build_sinks
 
 log = logging.getLogger(__name__)
@@ -29,12 +32,27 @@ class _Stopped(Exception):
 class Gateway:
     """Everything `serve` runs. Built from a Config; `run()` returns after a graceful stop."""
 
-    def __init__(self, config: Config, *, sinks: Sinks | None = None, backoff_base: float = 1.0) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        sinks: Sinks | None = None,
+        backoff_base: float = 1.0,
+        probe_cache_seconds: float = PROBE_CACHE_SECONDS,
+    ) -> None:
         self.config = config
         self.journal = Journal(config.spool.path, sync=config.spool.sync)
         self.sinks = sinks if sinks is not None else build_sinks(config)
-        self.dispatcher = Dispatcher(self.journal, self.sinks, backoff_base=backoff_base)
-        self.intake = Intake(config.routing, self.journal, self.dispatcher)
+        self.metrics = Metrics()
+        self.dispatcher = Dispatcher(self.journal, self.sinks, backoff_base=backoff_base, metrics=self.metrics)
+        self.intake = Intake(config.routing, self.journal, self.dispatcher, self.metrics)
+        self.metrics.watch_backlog(self.dispatcher.pending)
+        for name, sink in self.sinks.by_mailbox.items():
+            self.metrics.declare(name, sink.name)
+        probes = [(f"{name} ({sink.name})", sink.probe) for name, sink in self.sinks.by_mailbox.items()]
+        probes.append(("journal", self._probe_journal))
+        self.readiness = Readiness(probes, ttl=probe_cache_seconds)
+        self.ops = OpsServer(self.metrics, self.health)
         self.lmtp = LmtpServer(
             config.routing,
             self.intake,
@@ -47,12 +65,26 @@ class Gateway:
     def request_stop(self) -> None:
         self.stop_requested.set()
 
+    async def health(self) -> list[str]:
+        """What keeps the gateway from taking and delivering mail now (/readyz); empty when ready."""
+        if self.stop_requested.is_set():
+            return ["stopping"]
+        if not self.started.is_set():
+            return ["starting: recovering the journal"]
+        return await self.readiness.problems()
+
+    async def _probe_journal(self) -> str | None:
+        # A message of the largest size allowed must still fit.
+        return await asyncio.to_thread(self.journal.probe, self.config.lmtp.max_message_size)
+
     async def run(self, *, install_signals: bool = True, on_ready: Callable[[Gateway], None] | None = None) -> None:
         loop = asyncio.get_running_loop()
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
         try:
+            if self.config.monitoring.listen:  # first: /livez answers during a long recovery, a busy port fails fast
+                await self.ops.listen(self.config.monitoring.listen)
             pending = await asyncio.to_thread(self.journal.open)
             for entry in pending:
                 self.dispatcher.submit(entry)
@@ -77,6 +109,7 @@ class Gateway:
             if install_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(sig)
+            await self.ops.close()
             await self.sinks.close()
             self.journal.close()
         log.info("stopped", extra={"event": "stopped"})
