@@ -167,6 +167,55 @@ def serve(
         raise click.ClickException(f"cannot start: {error}") from None
 
 
+# --- check ---
+
+_STYLES = {"ok": "green", "warn": "yellow", "fail": "red", "skip": "bright_black"}
+
+
+def _nameserver(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    from lmtp_gateway.check import make_resolver
+
+    if value is not None:
+        try:
+            make_resolver(value)
+        except (ValueError, OSError) as error:
+            raise click.BadParameter(f"expected HOST[:PORT] such as 127.0.0.1:5353 ({error})") from None
+    return value
+
+
+@main.command()
+@config_option
+@click.option(
+    "--nameserver", metavar="HOST[:PORT]", callback=_nameserver, help="Ask this DNS server (default: resolv.conf)."
+)
+@click.option("--timeout", default=5.0, show_default=True, metavar="SECONDS", help="For each connection or lookup.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: ok, counts, checks[{status, what, fix}].")
+def check(config_path: str | None, nameserver: str | None, timeout: float, as_json: bool) -> None:
+    """Check what the gateway depends on and say what to fix: the configuration, the LMTP listener (answers
+    LHLO?), Redis and its queue (sidekiq), GitLab's mail_room API and token (webhook), the journal (writable, free
+    space), the MX records of the mail domains and whether they are dedicated subdomains.
+
+    One line per finding: ok, warn, fail or skip, what was found, and after a dash what to do. Exits 1 if
+    anything failed. The webhook check POSTs an empty message, which GitLab accepts and then discards.
+
+    \b
+    Example:
+      lmtp-gateway check --config /etc/lmtp-gateway/config.yml
+      lmtp-gateway check --config /etc/gitlab/gitlab.yml --nameserver 127.0.0.53 --json
+    """
+    from lmtp_gateway import check as checking
+
+    results = checking.check(config_path, nameserver=nameserver, timeout=timeout)
+    if as_json:
+        click.echo(json.dumps(checking.as_json(results), ensure_ascii=False))
+    else:
+        for result in results:
+            status = click.style(f"{result.status:<4}", fg=_STYLES[result.status], bold=result.status == "fail")
+            click.echo(status + result.line()[4:])
+    if any(result.status == "fail" for result in results):
+        sys.exit(1)
+
+
 # --- replay ---
 
 

@@ -509,7 +509,7 @@ class Journal:
     def probe(self, min_free: int = 0) -> str | None:
         """Can a message be committed now? Creates, fsyncs and removes a small file in tmp/ (so a read-only or
         full file system shows even for root) and wants `min_free` bytes left. None if so, else the reason."""
-        path = self.tmp / f"probe-{uuid.uuid4().hex}"
+        path = (self.tmp if self.tmp.is_dir() else self.root) / f"probe-{uuid.uuid4().hex}"
         try:
             with open(path, "xb") as handle:
                 handle.write(b"probe\n")
