@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-import os
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
@@ -25,6 +24,7 @@ import httpx
 
 from lmtp_gateway.config import Config, ConfigError, MailboxConfig, load_config
 from lmtp_gateway.journal import Journal
+from lmtp_gateway.ops import os_error_text
 from lmtp_gateway.sinks import SidekiqSink, WebhookSink, read_webhook_key, redis_client
 
 Status = Literal["ok", "warn", "fail", "skip"]
@@ -91,8 +91,7 @@ async def _check_lmtp_listener(spec: str, timeout: float) -> Result:
     except PermissionError:
         return Result("fail", f"LMTP {spec}: permission denied", "run check as root or in lmtp.socket_group")
     except OSError as error:
-        reason = os.strerror(error.errno) if error.errno else str(error)  # asyncio's own text names the address again
-        return Result("fail", f"LMTP {spec}: {reason.lower()}", NOT_RUNNING)
+        return Result("fail", f"LMTP {spec}: {os_error_text(error).lower()}", NOT_RUNNING)
     if not reply.startswith("250"):
         return Result("fail", f"LMTP {spec}: answers LHLO with {reply!r}", "is this port really lmtp-gateway's?")
     return Result("ok", f"LMTP {spec} answers LHLO")

@@ -17,7 +17,7 @@ from lmtp_gateway.dispatch import Dispatcher
 from lmtp_gateway.headers import parse_headers
 from lmtp_gateway.journal import ID_LENGTH, Draft, Entry, Journal, State, envelope_headers, fingerprint
 from lmtp_gateway.metrics import Metrics
-from lmtp_gateway.rules import RoutingTable, Verdict, route
+from lmtp_gateway.rules import RoutingTable, Verdict, match_recipient, route
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,12 @@ class Intake:
         self.journal = journal
         self.dispatcher = dispatcher
         self.metrics = metrics or (dispatcher.metrics if dispatcher is not None else Metrics())
+
+    def _mailbox_of(self, rcpt: str | None, watched: str | None) -> str | None:
+        """The mailbox a dropped copy was addressed to (the rules stop at "auto-generated" before looking)."""
+        if watched is not None or rcpt is None:
+            return watched
+        return match_recipient(self.table, rcpt).mailbox
 
     @staticmethod
     def received(raw: bytes) -> Received:
@@ -119,7 +125,7 @@ class Intake:
         await self.journal.commit(drafts)
         for draft in drafts:
             entry = draft.entry
-            self.metrics.committed(entry.mailbox, dropped=entry.state is State.DROPPED)
+            self.metrics.committed(entry.mailbox or self._mailbox_of(entry.rcpt, mailbox), entry.state is State.DROPPED)
             log.info(
                 "accepted" if entry.state is State.PENDING else "dropped",
                 extra={

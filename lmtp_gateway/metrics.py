@@ -13,7 +13,6 @@ import time
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 PREFIX = "lmtp_gateway"
 COLLECTOR_STATES = ("connecting", "idle", "fetching", "backoff", "stopped")
@@ -30,7 +29,8 @@ REJECT_REASONS = {
     "journal_error": "the journal could not be written (452)",
     "internal_error": "an internal fault (451)",
 }
-CONTENT_TYPE = CONTENT_TYPE_LATEST
+# What generate_latest writes for names like ours: the classic text format, which every Prometheus reads.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 Backlog = Callable[[], tuple[int, float | None]]  # (pending entries, received_at of the oldest or None)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 
@@ -28,6 +29,11 @@ PROBE_CACHE_SECONDS = 5.0
 TEXT = "text/plain; charset=utf-8"
 
 Probe = Callable[[], Awaitable[str | None]]
+
+
+def os_error_text(error: OSError) -> str:
+    """ "Address already in use": asyncio's own texts repeat the address the caller already names."""
+    return os.strerror(error.errno) if error.errno else str(error)
 
 
 class Readiness:
@@ -91,7 +97,7 @@ class OpsServer:
             self.server = await asyncio.start_server(self._serve, host, int(port), reuse_address=True, limit=MAX_HEAD)
         except OSError as error:
             raise ConfigError(
-                f"{key}: cannot listen on {spec}: {error.strerror or error}; set {key} to a free HOST:PORT, or to off"
+                f"{key}: cannot listen on {spec}: {os_error_text(error)}; set {key} to a free HOST:PORT, or to off"
             ) from None
         bound = self.server.sockets[0].getsockname()
         self.address = f"[{host}]:{bound[1]}" if ":" in host else f"{host}:{bound[1]}"

@@ -142,6 +142,25 @@ async def start_gateway(tmp_path: Path) -> AsyncIterator[StartGateway]:
             await item.stop()
 
 
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """An 8 MiB tmpfs for the journal: a real full disk (or, remounted read-only, a real read-only one)."""
+    mountpoint = tmp_path / "small"
+    mountpoint.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mountpoint)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.decode().strip()}")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+def remount(mountpoint: Path, mode: str) -> None:
+    """`ro` or `rw`: read-only stops root too, where chmod does not."""
+    subprocess.run(["mount", "-o", f"remount,{mode}", str(mountpoint)], check=True, capture_output=True)
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[Any]:
     from tests.servers.redis import RedisServer
