@@ -115,6 +115,15 @@ def redis_client(settings: RedisConfig) -> aioredis.Redis:
     return sentinel.master_for(url.hostname or "gitlab-redis")
 
 
+def redis_problem(error: BaseException) -> str:
+    """ "redis: ConnectionError: Connection refused": the system's reason, where redis-py's own text repeats the
+    address twice and hides it."""
+    cause = error.__cause__ or error.__context__
+    if isinstance(error, redis.exceptions.ConnectionError) and isinstance(cause, OSError) and cause.errno:
+        return f"redis: ConnectionError: {os.strerror(cause.errno)}"
+    return f"redis: {type(error).__name__}: {error}"
+
+
 class SidekiqSink:
     name = "sidekiq"
 
@@ -138,7 +147,7 @@ class SidekiqSink:
                 args=[self.ttl, self.settings.queue, json.dumps(job, ensure_ascii=False), entry.id, int(force)],
             )
         except (TimeoutError, redis.exceptions.RedisError, OSError) as error:
-            return Transient(f"redis: {type(error).__name__}: {error}")
+            return Transient(redis_problem(error))
         return Delivered("pushed" if pushed else "already in Redis (dedupe)")
 
     async def probe(self) -> str | None:
@@ -151,7 +160,7 @@ class SidekiqSink:
                 pipe.ltrim(self.queue_key, 0, -1)
                 await pipe.execute()
         except (TimeoutError, redis.exceptions.RedisError, OSError) as error:
-            return f"redis: {type(error).__name__}: {error}"
+            return redis_problem(error)
         return None
 
 
