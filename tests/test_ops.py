@@ -4,6 +4,7 @@ with a real Redis and a real read-only file system, and the HTTP responder's man
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import socket
 import time
@@ -18,6 +19,7 @@ from lmtp_gateway.config import ConfigError
 from lmtp_gateway.metrics import Metrics
 from lmtp_gateway.ops import OpsServer
 from tests.conftest import REPLY_RCPT, StartGateway, eventually, make_config, message, numbered_message, remount
+from tests.gitlab_stub import GitLabStub
 
 DESK_RCPT = "contact+project_slug-project_key@incoming.test"
 MONITORING = {"listen": "127.0.0.1:0"}
@@ -167,6 +169,34 @@ async def test_readyz_fails_while_the_journal_cannot_be_written(start_gateway: S
 def small_disk_free(path: Path) -> int:
     info = os.statvfs(path)
     return info.f_bavail * info.f_frsize
+
+
+async def test_readyz_fails_while_gitlab_does_not_answer(start_gateway: StartGateway, tmp_path: Path) -> None:
+    key = os.urandom(32)
+    gitlab = GitLabStub(key).start()
+    secret = tmp_path / "secret"
+    secret.write_bytes(base64.b64encode(key))
+    secret.chmod(0o600)
+    config = make_config(
+        tmp_path / "spool",
+        gitlab={"url": gitlab.url},
+        incoming_email={"delivery_method": "webhook", "secret_file": str(secret)},
+        service_desk_email=None,
+        monitoring=MONITORING,
+    )
+    try:
+        gateway = await start_gateway(config, probe_cache_seconds=0)
+        address = gateway.gateway.ops.address
+        assert (await get(address, "/readyz")).status_code == 200
+    finally:
+        gitlab.stop()
+    down = await get(address, "/readyz")
+    assert down.status_code == 503
+    assert down.text.startswith(
+        f"incoming_email (webhook): webhook: cannot reach {gitlab.url}/api/v4/internal/mail_room/incoming_email: "
+        "ConnectError"
+    )
+    assert not gitlab.received  # probing never POSTs: a POST GitLab accepts is a job
 
 
 async def test_two_gateways_in_one_process_count_apart(start_gateway: StartGateway, tmp_path: Path) -> None:
