@@ -1,5 +1,5 @@
-"""The running daemon: wires journal, sinks, dispatcher, intake, the LMTP listeners and the monitoring listener
-under one TaskGroup."""
+"""The running daemon: wires journal, sinks, dispatcher, intake, the LMTP listeners and the monitoring listener;
+its background tasks run under one TaskGroup."""
 
 from __future__ import annotations
 
