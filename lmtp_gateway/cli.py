@@ -106,10 +106,20 @@ def render_verdict(verdict: Verdict, config: Config) -> str:
 @config_option
 @click.option("--listen", multiple=True, metavar="ADDR", help="Override lmtp.listen: HOST:PORT or unix:PATH.")
 @click.option("--spool", metavar="DIR", type=click.Path(file_okay=False), help="Override spool.path.")
+@click.option(
+    "--monitoring-listen",
+    metavar="HOST:PORT",
+    help="Override monitoring.listen (/metrics, /livez, /readyz; default 127.0.0.1:9425); off to disable.",
+)
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--log-json/--log-text", default=None, help="Log format (default: JSON unless on a terminal).")
 def serve(
-    config_path: str | None, listen: tuple[str, ...], spool: str | None, log_level: str, log_json: bool | None
+    config_path: str | None,
+    listen: tuple[str, ...],
+    spool: str | None,
+    monitoring_listen: str | None,
+    log_level: str,
+    log_json: bool | None,
 ) -> None:
     """Receive mail from Postfix over LMTP and deliver it to GitLab.
 
@@ -121,9 +131,11 @@ def serve(
     Example (embedded default: LMTP on 127.0.0.1:2424, Maildir under ~/.local/state/lmtp-gateway):
       lmtp-gateway serve
       lmtp-gateway serve --config /etc/lmtp-gateway/config.yml --listen unix:/run/lmtp-gateway/lmtp.sock
+      lmtp-gateway serve --monitoring-listen 127.0.0.1:9100     # then: curl -s 127.0.0.1:9100/metrics
     """
     from dataclasses import replace
 
+    from lmtp_gateway.config import monitoring_listen_option
     from lmtp_gateway.service import Gateway
 
     setup_logging(log_level, log_json)
@@ -133,19 +145,23 @@ def serve(
     if spool:
         config = replace(config, spool=replace(config.spool, path=Path(spool)))
     try:
+        if monitoring_listen is not None:
+            listen_on = monitoring_listen_option(monitoring_listen, "--monitoring-listen")
+            config = replace(config, monitoring=replace(config.monitoring, listen=listen_on))
         gateway = Gateway(config)
     except ConfigError as error:
         raise click.ClickException(str(error)) from None
 
     def ready(running: Gateway) -> None:
+        monitoring = f"; monitoring http://{running.ops.address}/metrics" if running.ops.address else ""
         click.echo(
-            f"lmtp-gateway: listening on {', '.join(running.lmtp.addresses)}; journal {config.spool.path}",
+            f"lmtp-gateway: listening on {', '.join(running.lmtp.addresses)}; journal {config.spool.path}{monitoring}",
             err=True,
         )
 
     try:
         asyncio.run(gateway.run(on_ready=ready))
-    except (OSError, JournalError) as error:
+    except (OSError, JournalError, ConfigError) as error:
         raise click.ClickException(f"cannot start: {error}") from None
 
 
@@ -197,13 +213,62 @@ def collect(
             asyncio.run(gateway.run())
             return
         report = asyncio.run(gateway.collect_once())
-    except (OSError, JournalError) as error:
+    except (OSError, JournalError, ConfigError) as error:
         raise click.ClickException(f"cannot start: {error}") from None
     for name, count in report.collected.items():
         problem = report.errors.get(name)
         click.echo(f"{name}: {count} collected" + (f"; stopped early: {problem}" if problem else ""))
     click.echo(f"delivered {report.delivered}; {report.pending} left pending in the journal for the next run")
     if report.errors or report.pending:
+        sys.exit(1)
+
+
+# --- check ---
+
+_STYLES = {"ok": "green", "warn": "yellow", "fail": "red", "skip": "bright_black"}
+
+
+def _nameserver(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    from lmtp_gateway.check import make_resolver
+
+    if value is not None:
+        try:
+            make_resolver(value)
+        except (ValueError, OSError) as error:
+            raise click.BadParameter(f"expected HOST[:PORT] such as 127.0.0.1:5353 ({error})") from None
+    return value
+
+
+@main.command()
+@config_option
+@click.option(
+    "--nameserver", metavar="HOST[:PORT]", callback=_nameserver, help="Ask this DNS server (default: resolv.conf)."
+)
+@click.option("--timeout", default=5.0, show_default=True, metavar="SECONDS", help="For each connection or lookup.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: ok, counts, checks[{status, what, fix}].")
+def check(config_path: str | None, nameserver: str | None, timeout: float, as_json: bool) -> None:
+    """Check what the gateway depends on and say what to fix: the configuration, the LMTP listener (answers
+    LHLO?), Redis and its queue (sidekiq), GitLab's mail_room API and token (webhook), the journal (writable, free
+    space), the MX records of the mail domains and whether they are dedicated subdomains.
+
+    One line per finding: ok, warn, fail or skip, what was found, and after a dash what to do. Exits 1 if
+    anything failed. The webhook check POSTs an empty message, which GitLab accepts and then discards.
+
+    \b
+    Example:
+      lmtp-gateway check --config /etc/lmtp-gateway/config.yml
+      lmtp-gateway check --config /etc/gitlab/gitlab.yml --nameserver 127.0.0.53 --json
+    """
+    from lmtp_gateway import check as checking
+
+    results = checking.check(config_path, nameserver=nameserver, timeout=timeout)
+    if as_json:
+        click.echo(json.dumps(checking.as_json(results), ensure_ascii=False))
+    else:
+        for result in results:
+            status = click.style(f"{result.status:<4}", fg=_STYLES[result.status], bold=result.status == "fail")
+            click.echo(status + result.line()[4:])
+    if any(result.status == "fail" for result in results):
         sys.exit(1)
 
 

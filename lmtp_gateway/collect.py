@@ -24,6 +24,7 @@ from lmtp_gateway.collectors.imap import ImapSettings, ImapSource
 from lmtp_gateway.config import Config, ConfigError, MailboxConfig
 from lmtp_gateway.intake import Intake
 from lmtp_gateway.journal import JournalError
+from lmtp_gateway.metrics import Metrics
 from lmtp_gateway.sinks import Sinks
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class MailboxCollector:
         *,
         max_message_size: int,
         wait_seconds: float = 60.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self.mailbox = mailbox
         self.source = source
@@ -69,6 +71,7 @@ class MailboxCollector:
         self.max_message_size = max_message_size
         self.wait_seconds = wait_seconds
         self.status = CollectorStatus()
+        self.metrics = metrics
         self.ingress = f"{source.name.split(':', 1)[0]}:{mailbox}"
         self._stopping = asyncio.Event()
 
@@ -77,6 +80,8 @@ class MailboxCollector:
 
     def _set_state(self, state: str) -> None:
         self.status.state = state
+        if self.metrics is not None:
+            self.metrics.set_collector_state(self.mailbox, state)
 
     # --- one pass ---
 
@@ -133,6 +138,8 @@ class MailboxCollector:
         await self.source.settle(committed + done_elsewhere)
         await self.arbiter.release([ref.key for ref in left])
         self.status.collected += new
+        if self.metrics is not None and new:
+            self.metrics.count_collected(self.mailbox, new)
         if committed:
             log.info(
                 "%s: collected %d message(s), %d already in the journal",
@@ -293,7 +300,12 @@ def build_source(config: Config, mailbox: MailboxConfig, state_dir: Path) -> Sou
 
 
 def build_collectors(
-    config: Config, intake: Intake, sinks: Sinks, state_dir: Path, only: str | None = None
+    config: Config,
+    intake: Intake,
+    sinks: Sinks,
+    state_dir: Path,
+    only: str | None = None,
+    metrics: Metrics | None = None,
 ) -> list[MailboxCollector]:
     arbiter: Arbiter
     if sinks.redis is not None:
@@ -312,6 +324,7 @@ def build_collectors(
                 arbiter,
                 max_message_size=config.lmtp.max_message_size,
                 wait_seconds=wait,
+                metrics=metrics,
             )
         )
     return collectors

@@ -21,6 +21,8 @@ from lmtp_gateway.rules import MAILBOX_TYPES, AddressTemplate, RoutingTable, Tem
 
 ENV_CONFIG = "LMTP_GATEWAY_CONFIG"
 DEFAULT_LISTEN = "127.0.0.1:2424"
+DEFAULT_MONITORING_LISTEN = "127.0.0.1:9425"  # serve's /metrics, /livez, /readyz
+DEFAULT_COLLECT_MONITORING_LISTEN = "127.0.0.1:9426"  # the same for collect, so both can run on one host
 DEFAULT_MAX_MESSAGE_SIZE = 25 * 1024 * 1024
 DEFAULT_RETENTION = 7 * 86400
 DELIVERY_METHODS = ("sidekiq", "webhook", "maildir")
@@ -108,6 +110,25 @@ def _sync_method(value: Any) -> str:
     if isinstance(value, bool):
         return "fsync" if value else "off"
     return _choice(*SYNC_METHODS)(value)
+
+
+def _http_listen(value: Any) -> str:
+    """HOST:PORT for the monitoring listener, or "" when it is off ("off", "" or YAML's bare off/false)."""
+    if value is False or value is None or (isinstance(value, str) and value.strip().lower() in ("", "off")):
+        return ""
+    text = _string(value).strip()
+    host, colon, port = text.rpartition(":")
+    if not colon or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"expected HOST:PORT such as 127.0.0.1:9425, or off; got {_kind(value)}")
+    return f"{host or '127.0.0.1'}:{int(port)}"
+
+
+def monitoring_listen_option(value: str, where: str) -> str:
+    """A command-line override of a monitoring listener, checked like the configuration key."""
+    try:
+        return _http_listen(value)
+    except ValueError as error:
+        raise ConfigError(f"{where}: {error}") from None
 
 
 def _sentinels(value: Any) -> tuple[tuple[str, int], ...]:
@@ -206,6 +227,7 @@ SCHEMA: Schema = {
     "policy": {"listen": _string_list},
     "spool": {"path": _string, "retention": parse_duration, "sync": _sync_method},
     "encrypted_settings_key_file": _string,  # GitLab's encrypted_settings_key_base, for encrypted_secret_file
+    "monitoring": {"listen": _http_listen, "collect_listen": _http_listen},
 }
 
 
@@ -283,6 +305,14 @@ class SpoolConfig:
 
 
 @dataclass(frozen=True)
+class MonitoringConfig:
+    """The HTTP listener for /metrics, /livez and /readyz; "" turns it off."""
+
+    listen: str = DEFAULT_MONITORING_LISTEN  # for serve
+    collect_listen: str = DEFAULT_COLLECT_MONITORING_LISTEN  # for collect
+
+
+@dataclass(frozen=True)
 class Config:
     source: str
     gitlab_host: str
@@ -293,6 +323,7 @@ class Config:
     redis: RedisConfig
     spool: SpoolConfig
     warnings: tuple[str, ...] = ()
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
 
     @property
     def routing(self) -> RoutingTable:
@@ -443,4 +474,5 @@ def _build(data: dict[str, Any], source: str, default_delivery: str, warnings: t
             sync=spool.get("sync", "fsync"),
         ),
         warnings=warnings,
+        monitoring=MonitoringConfig(**data.get("monitoring", {})),
     )

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from lmtp_gateway.journal import Entry, Journal, State
+from lmtp_gateway.metrics import Metrics
 from lmtp_gateway.sinks import Delivered, Outcome, Permanent, Sinks, Transient
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ class Dispatcher:
         backoff_cap: float = 300.0,
         clock: Callable[[], float] = time.time,
         max_bytes_in_flight: int = 16 * 1024 * 1024,
+        metrics: Metrics | None = None,
     ) -> None:
         self.journal = journal
         self.sinks = sinks
@@ -80,12 +82,14 @@ class Dispatcher:
         self.backoff_cap = backoff_cap
         self.clock = clock
         self.stats = DispatchStats()
+        self.metrics = metrics or Metrics()
         self._budget = ByteBudget(max_bytes_in_flight)
         self._ready: asyncio.Queue[tuple[Entry, bytes | None]] = asyncio.Queue()
         self._retry: list[tuple[float, int, Entry]] = []
         self._sequence = itertools.count()
         self._retry_changed = asyncio.Event()
-        self._known: set[str] = set()  # ids handed in and not finished: queued, being delivered or waiting
+        # id -> received_at of every entry handed in and not finished: queued, being delivered or waiting
+        self._known: dict[str, float] = {}
 
     # --- feeding ---
 
@@ -94,7 +98,7 @@ class Dispatcher:
         stored message when the caller still holds it; otherwise it is read from the journal."""
         if entry.id in self._known:
             return  # a Postfix retry of a message still on its way
-        self._known.add(entry.id)
+        self._known[entry.id] = entry.received_at
         entry.extra.setdefault("submitted_at", self.clock())
         self._ready.put_nowait((entry, raw))
 
@@ -105,6 +109,10 @@ class Dispatcher:
     @property
     def backlog(self) -> int:
         return len(self._known)
+
+    def pending(self) -> tuple[int, float | None]:
+        """The backlog and when its oldest entry was received (for the metrics, read at scrape time)."""
+        return len(self._known), min(self._known.values(), default=None)
 
     def waiting(self) -> list[Entry]:
         return [entry for _, _, entry in self._retry]
@@ -172,6 +180,8 @@ class Dispatcher:
     async def _record(self, entry: Entry, outcome: Outcome) -> None:
         entry.attempts += 1
         entry.sink = self.sinks[entry.mailbox].name if entry.mailbox in self.sinks.by_mailbox else None
+        kind = {Delivered: "delivered", Permanent: "failed", Transient: "deferred"}[type(outcome)]
+        self.metrics.outcome(entry.mailbox, entry.sink, kind, entry.received_at)
         match outcome:
             case Delivered(detail):
                 entry.last_error = None
@@ -185,8 +195,12 @@ class Dispatcher:
                         "event": "delivered",
                         "journal_id": entry.id,
                         "mailbox": entry.mailbox,
+                        "key": entry.key,
+                        "rcpt": entry.rcpt,
                         "sink": entry.sink,
                         "detail": detail,
+                        "latency_ms": round((self.clock() - entry.received_at) * 1000, 1),
+                        "attempts": entry.attempts,
                     },
                 )
                 self._done(entry)
@@ -216,4 +230,4 @@ class Dispatcher:
                 self._schedule(entry, entry.next_attempt_at)
 
     def _done(self, entry: Entry) -> None:
-        self._known.discard(entry.id)
+        self._known.pop(entry.id, None)

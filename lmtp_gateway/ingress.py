@@ -225,11 +225,13 @@ class LmtpSession(LMTP):
         try:
             received, problem = await self._read_data(spool, limit)
             if problem == "size":
-                return [f"552 5.3.4 <{rcpt}> message exceeds the size limit of {limit} bytes" for rcpt in rcpts]
+                return self._refuse(rcpts, "too_large", "552 5.3.4", f"message exceeds the size limit of {limit} bytes")
             if problem == "line":
-                return [f"500 5.5.2 <{rcpt}> line longer than {MAX_LINE} bytes (RFC 5321)" for rcpt in rcpts]
+                return self._refuse(
+                    rcpts, "line_too_long", "500 5.5.2", f"line longer than {MAX_LINE} bytes (RFC 5321)"
+                )
             if problem:
-                return [f"452 4.3.1 <{rcpt}> {problem}; try again later" for rcpt in rcpts]
+                return self._refuse(rcpts, "journal_error", "452 4.3.1", f"{problem}; try again later")
             assert received is not None
             handed_over = True  # from here the intake owns (and always removes) a spilled file
             try:
@@ -238,14 +240,22 @@ class LmtpSession(LMTP):
                     self.server.intake.accept(received, mail_from, list(rcpts), ingress="lmtp")
                 )
             except JournalError as error:
-                return [f"452 4.3.1 <{rcpt}> {error}; try again later" for rcpt in rcpts]
+                return self._refuse(rcpts, "journal_error", "452 4.3.1", f"{error}; try again later")
             except Exception:
                 log.exception("lmtp: internal error while committing")
-                return [f"451 4.3.0 <{rcpt}> internal error, try again later" for rcpt in rcpts]
+                return self._refuse(rcpts, "internal_error", "451 4.3.0", "internal error, try again later")
             return [data_reply(a, rcpt) for a, rcpt in zip(acceptances, rcpts, strict=True)]
         finally:
             if not handed_over:
                 spool.discard()
+
+    def _refuse(self, rcpts: list[str], reason: str, code: str, text: str) -> list[str]:
+        """The same refusal for every recipient (`code` such as "552 5.3.4"): counted per recipient, logged once."""
+        self.server.intake.metrics.refused(reason, len(rcpts))
+        level = logging.WARNING if reason == "journal_error" else logging.INFO
+        facts = {"event": "rejected", "reason": reason, "rcpt": ",".join(rcpts)}
+        log.log(level, "refused after DATA: %s", reason, extra=facts)
+        return [f"{code} <{rcpt}> {text}" for rcpt in rcpts]
 
     async def _read_data(self, spool: _DataSpool, limit: int | None) -> tuple[Received | None, str | None]:
         """Read DATA to its end. Returns (received, None) or (None, problem); a problem never stops the reading,
@@ -359,6 +369,7 @@ class LmtpServer:
     async def handle_RCPT(self, server: LmtpSession, session: Session, envelope: Envelope, address: str, options):
         found = match_recipient(self.table, address)
         if not found.accepted:
+            self.intake.metrics.refused("unknown_address" if found.mailbox is None else "unknown_key")
             log.info(
                 "rejected at RCPT: %s",
                 found.reason,

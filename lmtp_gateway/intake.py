@@ -16,7 +16,8 @@ from pathlib import Path
 from lmtp_gateway.dispatch import Dispatcher
 from lmtp_gateway.headers import parse_headers
 from lmtp_gateway.journal import ID_LENGTH, Draft, Entry, Journal, State, envelope_headers, fingerprint
-from lmtp_gateway.rules import RoutingTable, Verdict, route
+from lmtp_gateway.metrics import Metrics
+from lmtp_gateway.rules import RoutingTable, Verdict, match_recipient, route
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +43,19 @@ class Received:
 
 
 class Intake:
-    def __init__(self, table: RoutingTable, journal: Journal, dispatcher: Dispatcher | None) -> None:
+    def __init__(
+        self, table: RoutingTable, journal: Journal, dispatcher: Dispatcher | None, metrics: Metrics | None = None
+    ) -> None:
         self.table = table
         self.journal = journal
         self.dispatcher = dispatcher
+        self.metrics = metrics or (dispatcher.metrics if dispatcher is not None else Metrics())
+
+    def _mailbox_of(self, rcpt: str | None, watched: str | None) -> str | None:
+        """The mailbox a dropped copy was addressed to (the rules stop at "auto-generated" before looking)."""
+        if watched is not None or rcpt is None:
+            return watched
+        return match_recipient(self.table, rcpt).mailbox
 
     @staticmethod
     def received(raw: bytes) -> Received:
@@ -81,15 +91,21 @@ class Intake:
         mailbox: str | None,
         keep_rejected: bool,
     ) -> list[Acceptance]:
+        self.metrics.received(ingress)
         headers = parse_headers(received.head)
         now = time.time()
         results: list[Acceptance] = []
         drafts: list[Draft] = []
         for rcpt in rcpts:
             verdict = route(self.table, received.head, rcpt=rcpt, mailbox=mailbox, headers=headers)
-            if verdict.verdict == "reject" and not keep_rejected:
-                results.append(Acceptance(rcpt, verdict))
-                continue
+            if verdict.verdict == "reject":
+                # Over LMTP, RCPT already refused unknown addresses; replayed files and collectors meet them here.
+                self.metrics.refused("unknown_address" if verdict.reason.startswith("envelope") else "no_key")
+                facts = {"event": "rejected", "verdict": "reject", "reason": verdict.reason, "ingress": ingress}
+                log.info("rejected", extra={**facts, "rcpt": rcpt, "mail_from": mail_from})
+                if not keep_rejected:
+                    results.append(Acceptance(rcpt, verdict))
+                    continue
             identity = fingerprint(received.digest, verdict.mailbox or mailbox or "-", rcpt or "")
             existing = self.journal.find(identity[:ID_LENGTH]) or next(
                 (d.entry for d in drafts if d.entry.fingerprint == identity), None
@@ -120,6 +136,7 @@ class Intake:
         for draft in drafts:
             entry = draft.entry
             event = "accepted" if entry.state is State.PENDING else "dropped"
+            self.metrics.committed(entry.mailbox or self._mailbox_of(entry.rcpt, mailbox), entry.state is State.DROPPED)
             log.info(
                 event,
                 extra={
@@ -129,6 +146,7 @@ class Intake:
                     "key": entry.key,
                     "handler": entry.handler,
                     "source": entry.source,
+                    "verdict": "deliver" if entry.state is State.PENDING else "drop",
                     "ingress": ingress,
                     "rcpt": entry.rcpt,
                     "mail_from": mail_from,

@@ -516,6 +516,32 @@ class Journal:
                 removed += 1
         return removed
 
+    # --- health ---
+
+    def free_bytes(self) -> int:
+        """Space left for the journal (what an unprivileged process may use)."""
+        info = os.statvfs(self.root)
+        return info.f_bavail * info.f_frsize
+
+    def probe(self, min_free: int = 0) -> str | None:
+        """Can a message be committed now? Creates, fsyncs and removes a small file in tmp/ (so a read-only or
+        full file system shows even for root) and wants `min_free` bytes left. None if so, else the reason."""
+        path = (self.tmp if self.tmp.is_dir() else self.root) / f"probe-{uuid.uuid4().hex}"
+        try:
+            with open(path, "xb") as handle:
+                handle.write(b"probe\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            path.unlink()
+            free = self.free_bytes()
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            return f"{describe_os_error(error)}: {self.root}"
+        if free < min_free:
+            return f"journal disk nearly full: {free // 2**20} MiB free in {self.root}, under {min_free // 2**20} MiB"
+        return None
+
     def close(self) -> None:
         self._flush.close()
         self._files.close()

@@ -2,12 +2,17 @@
 
 Records carry their facts as ``extra`` fields (event, journal_id, mailbox, key, rcpt…); never a message body,
 a password or a token: nothing in the code logs those, and the formatter only prints whitelisted fields.
+
+Under systemd (stderr connected to the journal, as ``$JOURNAL_STREAM`` says) each line starts with its syslog
+priority, ``<3>`` … ``<7>`` (sd-daemon(3)), so ``journalctl -p warning`` shows warnings and errors only. journald
+stores and rotates the logs: no log file, no logrotate.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 
@@ -60,11 +65,43 @@ class TerminalFormatter(logging.Formatter):
         return line
 
 
+# sd-daemon(3) / syslog(3) priorities
+SYSLOG_PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+
+def syslog_priority(levelno: int) -> int:
+    return SYSLOG_PRIORITIES.get(levelno, 3 if levelno > logging.WARNING else 6 if levelno > logging.DEBUG else 7)
+
+
+class PriorityPrefix(logging.Formatter):
+    """``<N>`` before every line another formatter makes, for journald."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{syslog_priority(record.levelno)}>"
+        return "\n".join(prefix + line for line in self.inner.format(record).split("\n"))
+
+
+def connected_to_journald(stream: object) -> bool:
+    """systemd sets JOURNAL_STREAM=DEVICE:INODE of the journal's stream socket; it only counts while `stream` is
+    still that socket (not redirected by a wrapper script, not a child's inherited variable)."""
+    try:
+        device, inode = (int(part) for part in os.environ.get("JOURNAL_STREAM", "").split(":"))
+        status = os.fstat(stream.fileno())  # type: ignore[attr-defined]
+    except (ValueError, OSError, AttributeError):
+        return False
+    return (status.st_dev, status.st_ino) == (device, inode)
+
+
 def setup_logging(level: str = "info", json_lines: bool | None = None) -> None:
-    """JSON unless standard error is a terminal (or `json_lines` says otherwise)."""
+    """JSON unless standard error is a terminal (or `json_lines` says otherwise); priorities for journald."""
     handler = logging.StreamHandler(sys.stderr)
     use_json = not sys.stderr.isatty() if json_lines is None else json_lines
-    handler.setFormatter(JsonFormatter() if use_json else TerminalFormatter())
+    formatter: logging.Formatter = JsonFormatter() if use_json else TerminalFormatter()
+    handler.setFormatter(PriorityPrefix(formatter) if connected_to_journald(sys.stderr) else formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -1,4 +1,5 @@
-"""The running daemon: wires journal, sinks, dispatcher, intake and the LMTP listeners under one TaskGroup."""
+"""The running daemon: wires journal, sinks, dispatcher, intake, the LMTP listeners and the monitoring listener;
+its background tasks run under one TaskGroup."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from lmtp_gateway.dispatch import Dispatcher
 from lmtp_gateway.ingress import LmtpServer
 from lmtp_gateway.intake import Intake
 from lmtp_gateway.journal import Journal, State
+from lmtp_gateway.metrics import Metrics
+from lmtp_gateway.ops import PROBE_CACHE_SECONDS, OpsServer, Readiness
 from lmtp_gateway.sinks import Sinks, build_sinks
 
 log = logging.getLogger(__name__)
@@ -51,12 +54,21 @@ class Gateway:
         listen: bool = True,
         collect: bool = False,
         only_mailbox: str | None = None,
+        probe_cache_seconds: float = PROBE_CACHE_SECONDS,
     ) -> None:
         self.config = config
         self.journal = Journal(config.spool.path, sync=config.spool.sync)
         self.sinks = sinks if sinks is not None else build_sinks(config)
-        self.dispatcher = Dispatcher(self.journal, self.sinks, backoff_base=backoff_base)
-        self.intake = Intake(config.routing, self.journal, self.dispatcher)
+        self.metrics = Metrics()
+        self.dispatcher = Dispatcher(self.journal, self.sinks, backoff_base=backoff_base, metrics=self.metrics)
+        self.intake = Intake(config.routing, self.journal, self.dispatcher, self.metrics)
+        self.metrics.watch_backlog(self.dispatcher.pending)
+        for name, sink in self.sinks.by_mailbox.items():
+            self.metrics.declare(name, sink.name)
+        probes = [(f"{name} ({sink.name})", sink.probe) for name, sink in self.sinks.by_mailbox.items()]
+        probes.append(("journal", self._probe_journal))
+        self.readiness = Readiness(probes, ttl=probe_cache_seconds)
+        self.ops = OpsServer(self.metrics, self.health)
         self.lmtp = LmtpServer(
             config.routing,
             self.intake,
@@ -65,15 +77,36 @@ class Gateway:
         )
         self.listening = listen
         self.collectors: list[MailboxCollector] = (
-            build_collectors(config, self.intake, self.sinks, config.spool.path / "collectors", only_mailbox)
+            build_collectors(
+                config, self.intake, self.sinks, config.spool.path / "collectors", only_mailbox, self.metrics
+            )
             if collect
             else []
         )
         self.stop_requested = asyncio.Event()
         self.started = asyncio.Event()
 
+    @property
+    def _monitoring_listen(self) -> tuple[str, str]:
+        """serve and collect may run side by side on one host: each has its own monitoring port."""
+        if self.listening:
+            return "monitoring.listen", self.config.monitoring.listen
+        return "monitoring.collect_listen", self.config.monitoring.collect_listen
+
     def request_stop(self) -> None:
         self.stop_requested.set()
+
+    async def health(self) -> list[str]:
+        """What keeps the gateway from taking and delivering mail now (/readyz); empty when ready."""
+        if self.stop_requested.is_set():
+            return ["stopping"]
+        if not self.started.is_set():
+            return ["starting: recovering the journal"]
+        return await self.readiness.problems()
+
+    async def _probe_journal(self) -> str | None:
+        # A message of the largest size allowed must still fit.
+        return await asyncio.to_thread(self.journal.probe, self.config.lmtp.max_message_size)
 
     async def run(self, *, install_signals: bool = True, on_ready: Callable[[Gateway], None] | None = None) -> None:
         loop = asyncio.get_running_loop()
@@ -81,6 +114,10 @@ class Gateway:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
         try:
+            # first: /livez answers during a long recovery, and a busy port fails fast
+            key, spec = self._monitoring_listen
+            if spec:
+                await self.ops.listen(spec, key=key)
             await self._open_journal()
             for spec in self.config.lmtp.listen if self.listening else ():
                 await self.lmtp.listen(
@@ -102,6 +139,7 @@ class Gateway:
             if install_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(sig)
+            await self.ops.close()
             await self.sinks.close()
             self.journal.close()
         log.info("stopped", extra={"event": "stopped"})

@@ -58,6 +58,10 @@ class Sink(Protocol):
         """`force`: deliver even if this entry was delivered before (replay after GitLab lost it)."""
         ...
 
+    async def probe(self) -> str | None:
+        """Could a delivery go through now? None if so, else a one-line reason (for /readyz and `check`)."""
+        ...
+
 
 # --- Sidekiq ---
 
@@ -111,6 +115,15 @@ def redis_client(settings: RedisConfig) -> aioredis.Redis:
     return sentinel.master_for(url.hostname or "gitlab-redis")
 
 
+def redis_problem(error: BaseException) -> str:
+    """ "redis: ConnectionError: Connection refused": the system's reason, where redis-py's own text repeats the
+    address twice and hides it."""
+    cause = error.__cause__ or error.__context__
+    if isinstance(error, redis.exceptions.ConnectionError) and isinstance(cause, OSError) and cause.errno:
+        return f"redis: ConnectionError: {os.strerror(cause.errno)}"
+    return f"redis: {type(error).__name__}: {error}"
+
+
 class SidekiqSink:
     name = "sidekiq"
 
@@ -123,6 +136,7 @@ class SidekiqSink:
         self.queues_key = f"{prefix}queues"
         self.queue_key = f"{prefix}queue:{settings.queue}"
         self.dedupe_prefix = f"{prefix}lmtp-gateway:delivered:"
+        self.probe_key = f"{prefix}lmtp-gateway:probe:{socket.gethostname()}"
         self._push = client.register_script(_PUSH_ONCE)
 
     async def deliver(self, entry: Entry, raw: bytes, *, force: bool = False) -> Outcome:
@@ -133,8 +147,21 @@ class SidekiqSink:
                 args=[self.ttl, self.settings.queue, json.dumps(job, ensure_ascii=False), entry.id, int(force)],
             )
         except (TimeoutError, redis.exceptions.RedisError, OSError) as error:
-            return Transient(f"redis: {type(error).__name__}: {error}")
+            return Transient(redis_problem(error))
         return Delivered("pushed" if pushed else "already in Redis (dedupe)")
+
+    async def probe(self) -> str | None:
+        """Reachable and writable, as a push needs it, without touching a job: a short-lived SET beside the dedupe
+        keys (fails on a read-only replica, when Redis is out of memory or an ACL forbids it) and an LTRIM that
+        keeps the whole queue (fails if the queue key holds something other than a list, or is not writable)."""
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.set(self.probe_key, "1", ex=60)
+                pipe.ltrim(self.queue_key, 0, -1)
+                await pipe.execute()
+        except (TimeoutError, redis.exceptions.RedisError, OSError) as error:
+            return redis_problem(error)
+        return None
 
 
 # --- webhook (GitLab's internal mail_room API) ---
@@ -169,13 +196,26 @@ class WebhookSink:
         self.key = key
         self.client = client
 
-    async def _post(self, body: bytes) -> httpx.Response:
+    async def post(self, body: bytes) -> httpx.Response:
+        """POST `body` to GitLab's mail_room API with a fresh token (raises httpx.HTTPError)."""
         headers = {"Content-Type": "text/plain", "Gitlab-Mailroom-Api-Request": webhook_token(self.key)}
         return await self.client.post(self.url, content=body, headers=headers)
 
+    async def probe(self) -> str | None:
+        """GitLab answers HTTP at the API's address. Only reachability: every POST GitLab accepts queues a job, so a
+        probe repeated every few seconds must not POST (`lmtp-gateway check` proves the token, once). A GET gets
+        GitLab's 404/405; 502-504 are what a proxy answers while GitLab itself is down."""
+        try:
+            response = await self.client.get(self.url, timeout=5.0)
+        except httpx.HTTPError as error:
+            return f"webhook: cannot reach {self.url}: {type(error).__name__}: {error}"
+        if response.status_code in (502, 503, 504):
+            return f"webhook: HTTP {response.status_code} from {self.url}: GitLab is not answering behind its proxy"
+        return None
+
     async def deliver(self, entry: Entry, raw: bytes, *, force: bool = False) -> Outcome:
         try:
-            response = await self._post(raw)
+            response = await self.post(raw)
         except httpx.HTTPError as error:
             return Transient(f"webhook: {type(error).__name__}: {error}")
         if response.status_code == 200:
@@ -202,9 +242,25 @@ class MaildirSink:
     def __init__(self, root: Path) -> None:
         self.root = root
 
-    def _deliver_sync(self, entry: Entry, raw: bytes, force: bool) -> str:
+    def _make_dirs(self) -> None:
         for sub in ("tmp", "new", "cur"):
             (self.root / sub).mkdir(parents=True, exist_ok=True, mode=0o750)
+
+    def _probe_sync(self) -> None:
+        self._make_dirs()
+        probe = self.root / "tmp" / f"probe.{uuid.uuid4().hex}"
+        probe.write_bytes(b"probe\n")
+        probe.unlink()
+
+    async def probe(self) -> str | None:
+        try:
+            await asyncio.to_thread(self._probe_sync)
+        except OSError as error:
+            return f"maildir {self.root}: {error.strerror or error}"
+        return None
+
+    def _deliver_sync(self, entry: Entry, raw: bytes, force: bool) -> str:
+        self._make_dirs()
         name = f"{int(entry.received_at)}.{entry.id}.{socket.gethostname()}"
         if (self.root / "new" / name).exists() or any((self.root / "cur").glob(f"{name}*")):
             if not force:

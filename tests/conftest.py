@@ -65,6 +65,7 @@ def gateway_yaml(spool_path: Path, /, **sections: Any) -> dict[str, Any]:
         "service_desk_email": {"address": "contact+%{key}@incoming.test", "delivery_method": "maildir"},
         "lmtp": {"listen": "127.0.0.1:0"},
         "spool": {"path": str(spool_path)},
+        "monitoring": {"listen": "off"},  # tests that want /metrics ask for 127.0.0.1:0; never fight over 9425
     }
     for name, values in sections.items():
         if values is None:
@@ -139,6 +140,25 @@ async def start_gateway(tmp_path: Path) -> AsyncIterator[StartGateway]:
     for item in running:
         if not item.task.done():
             await item.stop()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """An 8 MiB tmpfs for the journal: a real full disk (or, remounted read-only, a real read-only one)."""
+    mountpoint = tmp_path / "small"
+    mountpoint.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mountpoint)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.decode().strip()}")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+def remount(mountpoint: Path, mode: str) -> None:
+    """`ro` or `rw`: read-only stops root too, where chmod does not."""
+    subprocess.run(["mount", "-o", f"remount,{mode}", str(mountpoint)], check=True, capture_output=True)
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import stat
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -235,20 +234,6 @@ async def test_recovery_delivers_what_was_pending(start_gateway: StartGateway, t
     await eventually(lambda: entries(tmp_path / "spool", State.DELIVERED), what="delivery after restart")
     assert restarted.gateway.dispatcher.stats.delivered == 1
     assert not entries(tmp_path / "spool", State.PENDING)
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
-    """An 8 MiB tmpfs for the journal: a real full disk, not a simulated one."""
-    mountpoint = tmp_path / "small"
-    mountpoint.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mountpoint)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.decode().strip()}")
-    try:
-        yield mountpoint
-    finally:
-        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
 
 
 async def test_full_disk_answers_452_and_acknowledges_nothing(start_gateway: StartGateway, small_disk: Path) -> None:

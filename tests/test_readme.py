@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -47,9 +48,10 @@ def test_readme_commands_that_need_no_daemon(env: dict[str, str]) -> None:
 
 def test_quick_start_serve_and_smtp_source(env: dict[str, str], tmp_path: Path) -> None:
     require_binary("smtp-source", "postfix")
-    with socket.socket() as probe:
-        if probe.connect_ex(("127.0.0.1", 2424)) == 0:
-            pytest.skip("port 2424 (the quick start's default) is busy on this machine")
+    for port in (2424, 9425):  # LMTP and monitoring, the quick start's defaults
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                pytest.skip(f"port {port} (a quick-start default) is busy on this machine")
     serve = subprocess.Popen([*lmtp_gateway_command(), "serve"], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
     try:
         assert serve.stderr is not None
@@ -68,6 +70,9 @@ def test_quick_start_serve_and_smtp_source(env: dict[str, str], tmp_path: Path) 
             time.sleep(0.05)
         listing = run("lmtp-gateway spool list", env)
         assert "delivered" in listing.stdout and "create_note" in listing.stdout
+        with urllib.request.urlopen("http://127.0.0.1:9425/metrics", timeout=10) as response:
+            metrics = response.read().decode()
+        assert 'lmtp_gateway_delivered_total{mailbox="incoming_email",sink="maildir"} 1.0' in metrics
     finally:
         serve.send_signal(signal.SIGTERM)
         assert serve.wait(30) == 0
