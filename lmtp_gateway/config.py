@@ -171,39 +171,43 @@ def _with_secret_sources(schema: dict[str, Any]) -> dict[str, Any]:
     return {**schema, **extra}
 
 
-INBOX_OPTIONS: Schema = _with_secret_sources({
-    "tenant_id": _string,
-    "client_id": _string,
-    "client_secret": _string,
-    "poll_interval": _integer,
-    "azure_ad_endpoint": _string,
-    "graph_endpoint": _string,
-    "scope": _string,  # ours: the token scope for IMAP XOAUTH2 (default Exchange Online's)
-})
+INBOX_OPTIONS: Schema = _with_secret_sources(
+    {
+        "tenant_id": _string,
+        "client_id": _string,
+        "client_secret": _string,
+        "poll_interval": _integer,
+        "azure_ad_endpoint": _string,
+        "graph_endpoint": _string,
+        "scope": _string,  # ours: the token scope for IMAP XOAUTH2 (default Exchange Online's)
+    }
+)
 
-MAILBOX_SCHEMA: Schema = _with_secret_sources({
-    "enabled": _boolean,
-    "address": _string,
-    "user": _string,
-    "password": _string,
-    "host": _string,
-    "port": _integer,
-    "ssl": _boolean,
-    "start_tls": _boolean,
-    "ssl_verify": _boolean,  # ours: false only for a test server with a self-signed certificate
-    "ssl_ca_file": _string,  # ours: a private CA for the IMAP server's certificate
-    "mailbox": _string,
-    "idle_timeout": _integer,
-    "delete_after_delivery": _boolean,
-    "expunge_deleted": _boolean,
-    "inbox_method": _choice("imap", "microsoft_graph"),
-    "inbox_options": INBOX_OPTIONS,
-    "delivery_method": _choice(*DELIVERY_METHODS),
-    "secret_file": _string,
-    "encrypted_secret_file": _string,
-    "maildir_path": _string,  # delivery_method: maildir only; default <spool.path>/maildir/<mailbox>
-    "log_path": _string,  # gitlab.yml carries it for mail_room; accepted and unused
-})
+MAILBOX_SCHEMA: Schema = _with_secret_sources(
+    {
+        "enabled": _boolean,
+        "address": _string,
+        "user": _string,
+        "password": _string,
+        "host": _string,
+        "port": _integer,
+        "ssl": _boolean,
+        "start_tls": _boolean,
+        "ssl_verify": _boolean,  # ours: false only for a test server with a self-signed certificate
+        "ssl_ca_file": _string,  # ours: a private CA for the IMAP server's certificate
+        "mailbox": _string,
+        "idle_timeout": _integer,
+        "delete_after_delivery": _boolean,
+        "expunge_deleted": _boolean,
+        "inbox_method": _choice("imap", "microsoft_graph"),
+        "inbox_options": INBOX_OPTIONS,
+        "delivery_method": _choice(*DELIVERY_METHODS),
+        "secret_file": _string,
+        "encrypted_secret_file": _string,
+        "maildir_path": _string,  # delivery_method: maildir only; default <spool.path>/maildir/<mailbox>
+        "log_path": _string,  # gitlab.yml carries it for mail_room; accepted and unused
+    }
+)
 
 SCHEMA: Schema = {
     "gitlab": {"host": _string, "url": _string},
@@ -216,14 +220,16 @@ SCHEMA: Schema = {
         "socket_group": _string,
         "hostname": _string,
     },
-    "redis": _with_secret_sources({
-        "url": _string,
-        "sentinels": _sentinels,
-        "sentinel_password": _string,
-        "queue": _string,
-        "namespace": _string,
-        "timestamp_style": _choice(*TIMESTAMP_STYLES),
-    }),
+    "redis": _with_secret_sources(
+        {
+            "url": _string,
+            "sentinels": _sentinels,
+            "sentinel_password": _string,
+            "queue": _string,
+            "namespace": _string,
+            "timestamp_style": _choice(*TIMESTAMP_STYLES),
+        }
+    ),
     "policy": {"listen": _string_list},
     "spool": {"path": _string, "retention": parse_duration, "sync": _sync_method},
     "encrypted_settings_key_file": _string,  # GitLab's encrypted_settings_key_base, for encrypted_secret_file

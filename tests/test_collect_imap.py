@@ -81,9 +81,7 @@ async def test_drains_a_backlog_once_and_marks_only_what_is_journaled(
     assert again.collected == {"incoming_email": 0} and len(jobs(redis)) == 300
 
 
-async def test_delete_and_expunge_after_the_journal_has_it(
-    dovecot: DovecotServer, redis: Any, tmp_path: Path
-) -> None:
+async def test_delete_and_expunge_after_the_journal_has_it(dovecot: DovecotServer, redis: Any, tmp_path: Path) -> None:
     deliver_numbered(dovecot, range(5))
     config = collect_config(tmp_path / "spool", dovecot, redis, delete_after_delivery=True, expunge_deleted=True)
     report = await Gateway(config, listen=False, collect=True).collect_once()
@@ -241,9 +239,7 @@ async def test_two_collectors_on_one_mailbox_take_each_message_once(
     reports = await asyncio.gather(*(g.collect_once() for g in gateways))
     taken = [r.collected["incoming_email"] for r in reports]
     assert sum(taken) == total, taken  # no message journaled by both
-    journaled = [
-        {e.id for e in Journal(tmp_path / f"spool{n}").entries(State.DELIVERED)} for n in (1, 2)
-    ]
+    journaled = [{e.id for e in Journal(tmp_path / f"spool{n}").entries(State.DELIVERED)} for n in (1, 2)]
     assert not journaled[0] & journaled[1]
     assert subjects(redis) == Counter(range(total))
 

@@ -29,9 +29,19 @@ def test_unit_verifies(unit: Path, tmp_path: Path) -> None:
     analyze = require_binary("systemd-analyze", "systemd")
     text = unit.read_text()
     assert "ExecStart=/usr/local/bin/lmtp-gateway " in text
-    for setting in ("ProtectSystem=strict", "ProtectHome=yes", "NoNewPrivileges=yes", "PrivateTmp=yes",
-                    "User=lmtp-gateway", "Restart=on-failure", "KillSignal=SIGTERM", "Type=exec",
-                    "MemoryDenyWriteExecute=yes", "SystemCallFilter=@system-service", "CapabilityBoundingSet=\n"):
+    for setting in (
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "NoNewPrivileges=yes",
+        "PrivateTmp=yes",
+        "User=lmtp-gateway",
+        "Restart=on-failure",
+        "KillSignal=SIGTERM",
+        "Type=exec",
+        "MemoryDenyWriteExecute=yes",
+        "SystemCallFilter=@system-service",
+        "CapabilityBoundingSet=\n",
+    ):
         assert setting in text, setting
     copy = tmp_path / unit.name  # verify needs ExecStart's binary to exist: point it at the installed one
     copy.write_text(text.replace("/usr/local/bin/lmtp-gateway", lmtp_gateway_command()[0]))
@@ -93,4 +103,3 @@ def test_example_loads(example: Path, tmp_path: Path, monkeypatch: pytest.Monkey
     text = example.read_text()
     assert not re.search(r"^\s*(password|client_secret|sentinel_password):", text, re.M), "no plain secret committed"
     assert text.startswith("#"), "each example says what it is for"
-

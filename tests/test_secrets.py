@@ -137,10 +137,14 @@ def test_password_file_env_and_plain(tmp_path: Path, monkeypatch: pytest.MonkeyP
 @pytest.mark.parametrize(
     ("extra", "expected"),
     [
-        ("  password_env: NO_SUCH_VARIABLE_HERE\n", "gw.yml: incoming_email.password_env: environment variable "
-         "NO_SUCH_VARIABLE_HERE is not set"),
-        ("  password: a\n  password_file: /x\n", "gw.yml: incoming_email.password: give only one of password, "
-         "password_file"),
+        (
+            "  password_env: NO_SUCH_VARIABLE_HERE\n",
+            "gw.yml: incoming_email.password_env: environment variable NO_SUCH_VARIABLE_HERE is not set",
+        ),
+        (
+            "  password: a\n  password_file: /x\n",
+            "gw.yml: incoming_email.password: give only one of password, password_file",
+        ),
         ("  password_file: /nonexistent/pw\n", "/nonexistent/pw: cannot read secret file"),
         ("  inbox_options:\n    client_secret_fil: x\n", "did you mean 'client_secret_file'?"),
         ("  encrypted_secret_file: /x.enc\n", "encrypted_secret_file: needs encrypted_settings_key_file"),
@@ -206,7 +210,7 @@ def test_secret_edit_creates_and_show_prints(tmp_path: Path) -> None:
     editor = editor_script(
         tmp_path,
         f'stat -c "%a" "$1" > {seen}; stat -c "%a" "$(dirname "$1")" >> {seen}; echo "$1" >> {seen}\n'
-        "printf \"user: me@example.com\\npassword: 'pw'\\n\" > \"$1\"\n",
+        'printf "user: me@example.com\\npassword: \'pw\'\\n" > "$1"\n',
     )
     enc, key = tmp_path / "incoming_email.yaml.enc", tmp_path / "key"
     with_editor = {**os.environ, "EDITOR": editor}
