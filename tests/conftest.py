@@ -65,7 +65,7 @@ def gateway_yaml(spool_path: Path, /, **sections: Any) -> dict[str, Any]:
         "service_desk_email": {"address": "contact+%{key}@incoming.test", "delivery_method": "maildir"},
         "lmtp": {"listen": "127.0.0.1:0"},
         "spool": {"path": str(spool_path)},
-        "monitoring": {"listen": "off"},  # tests that want /metrics ask for 127.0.0.1:0; never fight over 9425
+        "monitoring": {"listen": "off", "collect_listen": "off"},  # tests wanting /metrics ask for 127.0.0.1:0
     }
     for name, values in sections.items():
         if values is None:

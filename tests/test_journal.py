@@ -61,6 +61,7 @@ async def test_recovery_after_crashes_at_every_step(tmp_path: Path) -> None:
     # a crash between the two renames of a commit: an .eml without metadata was never acknowledged
     (tmp_path / "pending" / f"{'d' * 24}.eml").write_bytes(b"orphan")
     (tmp_path / "tmp" / "x.data").write_bytes(b"half written")
+    journal.close()  # the crash: the process and its hold on the journal are gone
     pending = Journal(tmp_path).open()
     assert [e.id for e in pending] == ["e" * 24]
     assert (tmp_path / "delivered" / f"{'c' * 24}.eml").exists()

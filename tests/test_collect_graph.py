@@ -1,0 +1,152 @@
+"""`collect` from Microsoft Graph, against a local stand-in for its documented REST contract."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lmtp_gateway.config import Config
+from lmtp_gateway.journal import Journal, State
+from lmtp_gateway.service import Gateway
+from tests.conftest import StartGateway, eventually, make_config, numbered_message
+from tests.graph_stub import GraphStub
+from tests.test_collect_imap import subjects
+from tests.test_sidekiq import jobs
+
+
+@pytest.fixture
+def graph() -> Iterator[GraphStub]:
+    stub = GraphStub().start()
+    try:
+        yield stub
+    finally:
+        stub.stop()
+
+
+def graph_config(spool: Path, graph: GraphStub, redis: Any, **extra: Any) -> Config:
+    options = {
+        "tenant_id": graph.tenant,
+        "client_id": graph.client_id,
+        "client_secret": graph.client_secret,
+        "azure_ad_endpoint": graph.login_endpoint,
+        "graph_endpoint": graph.graph_endpoint,
+        **extra.pop("inbox_options", {}),
+    }
+    return make_config(
+        spool,
+        incoming_email={
+            "address": "incoming+%{key}@incoming.test",
+            "user": graph.user,
+            "inbox_method": "microsoft_graph",
+            "inbox_options": options,
+            "delivery_method": "sidekiq",
+            **extra,
+        },
+        service_desk_email=None,
+        redis={"url": redis.url},
+    )
+
+
+async def collect_once(config: Config) -> Any:
+    return await Gateway(config, listen=False, collect=True).collect_once()
+
+
+async def test_drains_every_page_and_marks_only_journaled_mail_read(
+    graph: GraphStub, redis: Any, tmp_path: Path
+) -> None:
+    for number in range(120):
+        graph.add(numbered_message(number))
+    report = await collect_once(graph_config(tmp_path / "spool", graph, redis))
+    assert report.errors == {} and report.collected == {"incoming_email": 120} and report.pending == 0
+    assert subjects(redis) == Counter(range(120))
+    assert graph.unread() == [] and len(graph.messages) == 120
+    assert graph.token_requests == 1
+    listed = [path for _, method, path in graph.requests if method == "GET" and path.endswith("skip=10")]
+    assert listed, "the collector did not follow @odata.nextLink"
+    delivered = list(Journal(tmp_path / "spool").entries(State.DELIVERED))
+    assert {e.ingress for e in delivered} == {"graph:incoming_email"}
+
+
+async def test_delete_after_delivery_deletes(graph: GraphStub, redis: Any, tmp_path: Path) -> None:
+    for number in range(5):
+        graph.add(numbered_message(number))
+    report = await collect_once(graph_config(tmp_path / "spool", graph, redis, delete_after_delivery=True))
+    assert report.collected == {"incoming_email": 5}
+    assert graph.messages == {}
+    assert subjects(redis) == Counter(range(5))
+
+
+async def test_at_most_four_requests_at_once(graph: GraphStub, redis: Any, tmp_path: Path) -> None:
+    graph.latency = 0.05
+    for number in range(30):
+        graph.add(numbered_message(number))
+    report = await collect_once(graph_config(tmp_path / "spool", graph, redis))
+    assert report.collected == {"incoming_email": 30}
+    assert 1 < graph.max_in_flight <= 4
+
+
+async def test_retry_after_is_honoured_on_429(graph: GraphStub, redis: Any, tmp_path: Path) -> None:
+    for number in range(3):
+        graph.add(numbered_message(number))
+    graph.throttle = [1, 1]
+    report = await collect_once(graph_config(tmp_path / "spool", graph, redis))
+    assert report.errors == {} and report.collected == {"incoming_email": 3}
+    graph_calls = [t for t, _, path in graph.requests if path.startswith("/graph/")]
+    assert graph_calls[1] - graph_calls[0] >= 0.95 and graph_calls[2] - graph_calls[1] >= 0.95
+
+
+async def test_an_expired_token_is_renewed_and_the_request_repeated(
+    graph: GraphStub, redis: Any, tmp_path: Path
+) -> None:
+    graph.add(numbered_message(1))
+    config = graph_config(tmp_path / "spool", graph, redis, inbox_options={"poll_interval": 1})
+    gateway = Gateway(config, listen=False, collect=True)
+    report = await gateway.collect_once()
+    assert report.collected == {"incoming_email": 1}
+    graph.expire_tokens()  # revoked or expired early, as Entra ID may do
+    graph.add(numbered_message(2))
+    report = await collect_once(config)
+    assert report.errors == {} and subjects(redis) == Counter([1, 2])
+
+
+async def test_a_short_lived_token_is_renewed_before_it_expires(
+    graph: GraphStub, redis: Any, tmp_path: Path, start_gateway: StartGateway
+) -> None:
+    graph.expires_in = 2  # renewed half-way, so no request ever meets a 401
+    config = graph_config(tmp_path / "spool", graph, redis, inbox_options={"poll_interval": 1})
+    await start_gateway(config, listen=False, collect=True)
+    for number in range(3):
+        graph.add(numbered_message(number))
+        await eventually(lambda n=number: len(jobs(redis)) == n + 1, timeout=10, what=f"message {number}")
+    await eventually(lambda: graph.token_requests >= 3, timeout=10, what="renewals while polling")
+    assert graph.unauthorized == 0
+    assert subjects(redis) == Counter(range(3))
+
+
+async def test_a_wrong_client_secret_is_reported_without_the_secret(
+    graph: GraphStub, redis: Any, tmp_path: Path
+) -> None:
+    graph.add(numbered_message(1))
+    report = await collect_once(
+        graph_config(tmp_path / "spool", graph, redis, inbox_options={"client_secret": "wrong-secret-xyz"})
+    )
+    problem = report.errors["incoming_email"]
+    assert "401" in problem and "AADSTS7000215" in problem and "wrong-secret-xyz" not in problem
+    assert len(graph.unread()) == 1  # nothing touched
+
+
+def test_graph_settings_missing_say_which(tmp_path: Path) -> None:
+    from lmtp_gateway.collect import build_source
+    from lmtp_gateway.config import ConfigError
+
+    config = make_config(
+        tmp_path / "spool",
+        incoming_email={"user": "gitlab@example.com", "inbox_method": "microsoft_graph", "inbox_options": {}},
+        service_desk_email=None,
+    )
+    with pytest.raises(ConfigError, match=r"inbox_options.tenant_id, inbox_options.client_id"):
+        build_source(config, config.mailboxes["incoming_email"], tmp_path)
