@@ -12,8 +12,10 @@ import asyncio
 import contextlib
 import ipaddress
 import socket
+import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
@@ -22,6 +24,7 @@ import dns.exception
 import dns.resolver
 import httpx
 
+from lmtp_gateway.collect import build_source, describe, is_collected
 from lmtp_gateway.config import Config, ConfigError, MailboxConfig, load_config
 from lmtp_gateway.journal import Journal
 from lmtp_gateway.ops import os_error_text
@@ -78,6 +81,8 @@ async def check_configuration(context: Context) -> list[Result]:
 
 
 async def check_lmtp(context: Context) -> list[Result]:
+    if all(is_collected(mailbox) for mailbox in context.config.mailboxes.values()):
+        return [Result("skip", "LMTP: every mailbox is collected (IMAP or Graph); serve is not needed")]
     return [await _check_lmtp_listener(spec, context.timeout) for spec in context.config.lmtp.listen]
 
 
@@ -383,12 +388,53 @@ async def check_dedicated_domain(context: Context) -> list[Result]:
     return results
 
 
+async def check_collectors(context: Context) -> list[Result]:
+    """Log in to each collected mailbox and open its folder, as `collect` will (its state is not touched)."""
+    mailboxes = [m for m in context.config.mailboxes.values() if is_collected(m)]
+    if not mailboxes:
+        return [Result("skip", "collectors: no mailbox is collected over IMAP or Microsoft Graph")]
+    return list(await asyncio.gather(*(_check_collector(context, mailbox) for mailbox in mailboxes)))
+
+
+async def _check_collector(context: Context, mailbox: MailboxConfig) -> Result:
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            source = build_source(context.config, mailbox, Path(scratch))
+        except ConfigError as error:
+            return Result("fail", f"{mailbox.name}: {error}", "complete the collector keys: contrib/config/examples")
+        try:
+            await asyncio.wait_for(source.connect(), context.timeout * 2)
+        except TimeoutError:
+            return Result("fail", f"{source.name}: no answer within {context.timeout * 2:g}s", CHECK_NETWORK)
+        except Exception as error:  # every way a login can fail is reported, none raised
+            return Result("fail", f"{source.name}: {describe(error)}", _collector_fix(error))
+        finally:
+            with contextlib.suppress(Exception):
+                await source.close()
+    return Result("ok", f"{source.name}: logged in, folder opened")
+
+
+CHECK_NETWORK = "check host, port and firewall (and ssl / start_tls)"
+
+
+def _collector_fix(error: BaseException) -> str:
+    text = str(error)
+    if "certificate" in text:
+        return "give ssl_ca_file for a private CA (ssl_verify: false only for a test server)"
+    if "refused" in text and ("LOGIN" in text or "XOAUTH2" in text or "token" in text):
+        return "check user and password (or inbox_options.client_id / client_secret / tenant_id)"
+    if "select" in text:
+        return "check mailbox: the folder must exist"
+    return CHECK_NETWORK
+
+
 CHECKS: list[Check] = [
     check_configuration,
     check_lmtp,
     check_redis,
     check_webhook,
     check_journal,
+    check_collectors,
     check_dns,
     check_dedicated_domain,
 ]

@@ -285,7 +285,7 @@ class Journal:
         # id -> state of every entry, kept by the journal's owner (serve) from open() on: dedupe look-ups then
         # cost no system call. Other processes (replay, spool) go to the files.
         self._index: dict[str, State] | None = None
-        self._owner_lock: BinaryIO | None = None
+        self._owner_lock: int | None = None
 
     # --- layout ---
 
@@ -318,11 +318,12 @@ class Journal:
     def _take_ownership(self) -> None:
         """One owner per journal: a second `serve` or `collect` on the same spool would clear the first one's
         files in tmp/ and race its repairs."""
-        lock = open(self.root / "owner.lock", "a+b")  # noqa: SIM115 - held open for the life of the journal
+        # read-only: a file open for writing would keep the file system from being remounted read-only
+        lock = os.open(self.root / "owner.lock", os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o640)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            lock.close()
+            os.close(lock)
             raise JournalError(
                 f"{self.root} is in use by another lmtp-gateway process (serve or collect); "
                 "give each process its own spool.path"
@@ -546,7 +547,7 @@ class Journal:
         self._flush.close()
         self._files.close()
         if self._owner_lock is not None:
-            self._owner_lock.close()
+            os.close(self._owner_lock)
             self._owner_lock = None
 
 

@@ -108,6 +108,7 @@ async def test_healthy(lmtp_address: str, redis: Any, gitlab: GitLabStub, dns: D
     ]
     assert re.fullmatch(rf"ok    journal {re.escape(str(spool))} writable, \d+\.\d GiB free", lines[4])
     assert lines[5:] == [
+        "skip  collectors: no mailbox is collected over IMAP or Microsoft Graph",
         f"ok    DNS {DOMAIN}: MX mx.{HOST} (127.0.0.1) points at this host",
         f"ok    incoming_email and service_desk_email: {DOMAIN} is a subdomain, not the main mail domain",
     ]
@@ -118,7 +119,7 @@ async def test_healthy(lmtp_address: str, redis: Any, gitlab: GitLabStub, dns: D
     assert not any(p.name.startswith("probe") for p in spool.rglob("*"))  # and the journal probe left nothing
 
     as_json = json.loads((await run_check(config, dns, "--json")).stdout)
-    assert as_json["ok"] is True and as_json["counts"] == {"ok": 7, "warn": 0, "fail": 0, "skip": 0}
+    assert as_json["ok"] is True and as_json["counts"] == {"ok": 7, "warn": 0, "fail": 0, "skip": 1}
     assert as_json["checks"][1] == {"status": "ok", "what": f"LMTP {lmtp_address} answers LHLO", "fix": ""}
 
 
@@ -259,3 +260,23 @@ def test_a_configuration_that_does_not_load(tmp_path: Path) -> None:
         "  — correct the file and run check again\n"
     )
     assert done.returncode == 1
+
+
+async def test_collector_login(dns: DnsmasqServer, tmp_path: Path) -> None:
+    from tests.servers.dovecot import DovecotServer
+
+    with DovecotServer() as dovecot:
+        imap = {"host": dovecot.host, "port": dovecot.imap_port, "user": dovecot.user, "password": dovecot.password}
+        config = write_config(tmp_path, "127.0.0.1:1", incoming_email=imap)
+        done = await run_check(config, dns)
+        where = f"imap:{dovecot.user}@{dovecot.host}:{dovecot.imap_port}/inbox"
+        assert line(done, "ok    imap:") == f"ok    {where}: logged in, folder opened"
+        assert line(done, "fail  LMTP").startswith("fail  LMTP 127.0.0.1:1")  # service desk still comes by LMTP
+        assert not (tmp_path / "checked-spool" / "collectors").exists()  # the check kept no collector state
+
+        config = write_config(tmp_path, "127.0.0.1:1", incoming_email={**imap, "password": "wrong"})
+        done = await run_check(config, dns)
+        assert line(done, "fail  imap:").startswith(f"fail  {where}: LOGIN refused for {dovecot.user}")
+        assert line(done, "fail  imap:").endswith("— check user and password (or inbox_options.client_id / "
+                                                  "client_secret / tenant_id)")  # fmt: skip
+        assert "wrong" not in done.stdout and done.returncode == 1

@@ -137,6 +137,7 @@ async def test_an_entry_cut_short_before_its_sync_is_set_aside(tmp_path: Path) -
         handle.truncate(4)  # what a crash before the flush can leave behind
     (tmp_path / "pending" / f"{'4' * 24}.json").write_bytes(b'{"id": "44')  # torn metadata
     (tmp_path / "pending" / f"{'4' * 24}.eml").write_bytes(b"x")
+    journal.close()  # the crash
     pending = Journal(tmp_path).open()
     assert [e.id for e in pending] == ["3" * 24]
     assert sorted(p.name for p in (tmp_path / "quarantine").iterdir()) == sorted(
