@@ -143,6 +143,11 @@ class GraphStub:
         path = unquote(url.path)
         if method == "POST" and path == f"/login/{self.tenant}/oauth2/v2.0/token":
             return self._token(parse_qs(body.decode()))
+        if method == "POST" and path == "/introspect":  # RFC 7662, for Dovecot's oauth2 passdb (IMAP XOAUTH2)
+            token = parse_qs(body.decode()).get("token", [""])[0]
+            with self.lock:
+                active = self.tokens.get(token, 0.0) > time.monotonic()
+            return 200, {"active": active, **({"username": self.user} if active else {})}
         if not path.startswith("/graph/v1.0/"):
             return 404, {"error": {"code": "ResourceNotFound", "message": "Resource not found"}}
         token = (authorization or "").removeprefix("Bearer ")

@@ -33,7 +33,7 @@ def dovecot() -> Iterator[DovecotServer]:
 
 
 def imap_settings(dovecot: DovecotServer, **extra: Any) -> dict[str, Any]:
-    return {
+    settings = {
         "address": "incoming+%{key}@incoming.test",
         "host": dovecot.host,
         "port": dovecot.imap_port,
@@ -42,6 +42,9 @@ def imap_settings(dovecot: DovecotServer, **extra: Any) -> dict[str, Any]:
         "idle_timeout": 60,
         **extra,
     }
+    if "inbox_options" in extra:  # XOAUTH2: an app token instead of a password
+        del settings["password"]
+    return settings
 
 
 def collect_config(spool: Path, dovecot: DovecotServer, redis: Any, **extra: Any) -> Config:
@@ -306,3 +309,42 @@ def test_imap_settings_missing_password_is_a_config_error(tmp_path: Path) -> Non
     )
     with pytest.raises(ConfigError, match=r"incoming_email.password: missing"):
         build_source(config, config.mailboxes["incoming_email"], tmp_path)
+
+
+async def test_xoauth2_login_with_an_app_token(redis: Any, tmp_path: Path) -> None:
+    """Exchange Online without basic auth: a client-credentials token, checked by Dovecot's oauth2 passdb
+    against the identity provider's introspection endpoint (RFC 7662)."""
+    from tests.graph_stub import GraphStub
+
+    identity = GraphStub(user="gitlab").start()
+    oauth2 = tmp_path / "dovecot-oauth2.conf.ext"
+    oauth2.write_text(
+        f"introspection_mode = post\nintrospection_url = {identity.url}/introspect\n"
+        "username_attribute = username\nactive_attribute = active\nactive_value = true\n"
+    )
+    passdb = f"passdb {{\n driver = oauth2\n mechanisms = xoauth2\n args = {oauth2}\n}}\n"
+    extra = "auth_mechanisms = plain login xoauth2\n" + passdb
+    try:
+        with DovecotServer(extra_config=extra) as dovecot:
+            deliver_numbered(dovecot, range(3))
+            options = {
+                "tenant_id": identity.tenant,
+                "client_id": identity.client_id,
+                "client_secret": identity.client_secret,
+                "azure_ad_endpoint": identity.login_endpoint,
+                "scope": f"{identity.graph_endpoint}/.default",
+            }
+            settings = {"inbox_options": options}
+            config = collect_config(tmp_path / "spool", dovecot, redis, **settings)
+            report = await Gateway(config, listen=False, collect=True).collect_once()
+            assert report.errors == {} and report.collected == {"incoming_email": 3}
+            assert "method=XOAUTH2" in dovecot.log_path.read_text()
+            assert identity.token_requests == 1
+
+            wrong = {**settings, "inbox_options": {**options, "client_secret": "not-it"}}
+            report = await Gateway(
+                collect_config(tmp_path / "spool2", dovecot, redis, **wrong), listen=False, collect=True
+            ).collect_once()
+            assert "AADSTS7000215" in report.errors["incoming_email"]
+    finally:
+        identity.stop()

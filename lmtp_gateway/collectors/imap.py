@@ -19,7 +19,7 @@ import logging
 import os
 import re
 import ssl
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from typing import Any
 from aioimaplib import aioimaplib
 
 from lmtp_gateway.collectors import Ref, SourceError
+from lmtp_gateway.collectors.graph import ClientCredentials
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +182,7 @@ class ImapSource:
         settings: ImapSettings,
         state_path: Path,
         *,
-        token: Callable[[], Awaitable[str]] | None = None,
+        token: ClientCredentials | None = None,
     ) -> None:
         self.settings = settings
         self.name = f"imap:{settings.identity}"
@@ -246,6 +247,8 @@ class ImapSource:
             response = await client.login(self.settings.user, self.settings.password)
             method = "LOGIN"
         if response.result != "OK":
+            if self._token is not None:
+                self._token.forget()  # revoked early, perhaps: the next attempt asks for a new one
             raise SourceError(f"{method} refused for {self.settings.user}: {_text(response)}")
 
     def _after_select(self, lines: Sequence[bytes]) -> None:
