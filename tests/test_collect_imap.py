@@ -348,3 +348,16 @@ async def test_xoauth2_login_with_an_app_token(redis: Any, tmp_path: Path) -> No
             assert "AADSTS7000215" in report.errors["incoming_email"]
     finally:
         identity.stop()
+
+
+async def test_a_server_without_idle_is_polled(redis: Any, tmp_path: Path, start_gateway: StartGateway) -> None:
+    without_idle = "imap_capability = IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE SORT UIDPLUS\n"
+    with DovecotServer(extra_config=without_idle) as dovecot:
+        config = collect_config(tmp_path / "spool", dovecot, redis, idle_timeout=1)
+        running = await start_gateway(config, listen=False, collect=True)
+        (collector,) = running.gateway.collectors
+        await eventually(lambda: collector.status.state == "idle", what="collector waiting")
+        assert not collector.source._client.has_capability("IDLE")
+        deliver_numbered(dovecot, [1, 2])
+        await eventually(lambda: len(jobs(redis)) == 2, timeout=10, what="two jobs by polling")
+        assert subjects(redis) == Counter([1, 2])

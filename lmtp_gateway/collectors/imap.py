@@ -250,6 +250,7 @@ class ImapSource:
             if self._token is not None:
                 self._token.forget()  # revoked early, perhaps: the next attempt asks for a new one
             raise SourceError(f"{method} refused for {self.settings.user}: {_text(response)}")
+        await asyncio.wait_for(client.protocol.capability(), COMMAND_TIMEOUT)  # may change with login (RFC 3501)
 
     def _after_select(self, lines: Sequence[bytes]) -> None:
         codes = {m.group(1): int(m.group(2)) for line in lines if isinstance(line, bytes) for m in _CODE.finditer(line)}
