@@ -361,3 +361,25 @@ async def test_a_server_without_idle_is_polled(redis: Any, tmp_path: Path, start
         deliver_numbered(dovecot, [1, 2])
         await eventually(lambda: len(jobs(redis)) == 2, timeout=10, what="two jobs by polling")
         assert subjects(redis) == Counter([1, 2])
+
+
+async def test_a_failing_mailbox_does_not_stop_the_others(
+    dovecot: DovecotServer, redis: Any, tmp_path: Path, start_gateway: StartGateway
+) -> None:
+    from tests.servers import free_port
+
+    dead = {**imap_settings(dovecot, port=free_port()), "address": "contact+%{key}@incoming.test"}
+    config = make_config(
+        tmp_path / "spool",
+        incoming_email={**imap_settings(dovecot), "delivery_method": "sidekiq"},
+        service_desk_email={**dead, "delivery_method": "sidekiq"},
+        redis={"url": redis.url},
+    )
+    running = await start_gateway(config, listen=False, collect=True, backoff_base=0.05)
+    working, failing = running.gateway.collectors
+    await eventually(lambda: failing.status.last_error and working.status.state == "idle", what="both states")
+    assert "cannot connect" in failing.status.last_error
+    deliver_numbered(dovecot, [5])
+    await eventually(lambda: jobs(redis), what="the working mailbox's job")
+    assert subjects(redis) == Counter([5])
+    assert failing.status.state in ("backoff", "connecting")
