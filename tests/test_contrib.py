@@ -50,6 +50,18 @@ def test_unit_verifies(unit: Path, tmp_path: Path) -> None:
     assert done.returncode == 0 and not complaints, done.stdout + done.stderr
 
 
+def test_serve_and_collect_units_own_separate_journals() -> None:
+    """A journal has one owner: with spool.path unset each unit's StateDirectory is its journal."""
+    directories = {
+        name: re.search(r"^StateDirectory=(\S+)$", (REPO / "contrib" / "systemd" / name).read_text(), re.M)[1]
+        for name in ("lmtp-gateway.service", "lmtp-gateway-collect.service")
+    }
+    assert directories == {
+        "lmtp-gateway.service": "lmtp-gateway",
+        "lmtp-gateway-collect.service": "lmtp-gateway-collect",
+    }
+
+
 def test_serve_unit_matches_the_socket_and_journal_defaults() -> None:
     text = (REPO / "contrib" / "systemd" / "lmtp-gateway.service").read_text()
     assert "RuntimeDirectory=lmtp-gateway" in text and "StateDirectory=lmtp-gateway" in text
