@@ -247,32 +247,44 @@ async def test_two_collectors_on_one_mailbox_take_each_message_once(
     assert subjects(redis) == Counter(range(total))
 
 
-async def test_starttls_verifies_the_certificate(dovecot_tls: DovecotServer, redis: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["start_tls", "ssl"])
+async def test_tls_verifies_the_certificate(mode: str, dovecot_tls: DovecotServer, redis: Any, tmp_path: Path) -> None:
     cert = dovecot_tls.tmpdir / "tls.pem"
+    port = dovecot_tls.imap_port if mode == "start_tls" else dovecot_tls.imaps_port  # type: ignore[attr-defined]
     deliver_numbered(dovecot_tls, range(2))
-    untrusted = collect_config(tmp_path / "a", dovecot_tls, redis, start_tls=True)
-    report = await Gateway(untrusted, listen=False, collect=True).collect_once()
-    assert "certificate not trusted" in report.errors["incoming_email"]
-    assert "ssl_ca_file" in report.errors["incoming_email"]
-    trusted = collect_config(tmp_path / "b", dovecot_tls, redis, start_tls=True, ssl_ca_file=str(cert))
-    # the certificate names mx.test, not 127.0.0.1: verification still fails on the name
-    report = await Gateway(trusted, listen=False, collect=True).collect_once()
-    assert "incoming_email" in report.errors
-    relaxed = collect_config(tmp_path / "c", dovecot_tls, redis, start_tls=True, ssl_verify=False)
-    report = await Gateway(relaxed, listen=False, collect=True).collect_once()
-    assert report.errors == {} and report.collected == {"incoming_email": 2}
+
+    async def collect(spool: str, **settings: Any) -> Any:
+        config = collect_config(tmp_path / spool, dovecot_tls, redis, port=port, **{mode: True}, **settings)
+        return await Gateway(config, listen=False, collect=True).collect_once()
+
+    untrusted = await collect("a")
+    assert "certificate not trusted" in untrusted.errors["incoming_email"]
+    assert "ssl_ca_file" in untrusted.errors["incoming_email"]
+    assert untrusted.collected == {"incoming_email": 0}
+    trusted = await collect("b", ssl_ca_file=str(cert))  # verified: the certificate names 127.0.0.1
+    assert trusted.errors == {} and trusted.collected == {"incoming_email": 2}
+    deliver_numbered(dovecot_tls, [2])
+    relaxed = await collect("c", ssl_verify=False)
+    assert relaxed.errors == {} and relaxed.collected == {"incoming_email": 1}
 
 
 @pytest.fixture
 def dovecot_tls(tmp_path: Path) -> Iterator[DovecotServer]:
-    from tests.servers.postfix import self_signed_certificate
+    """Dovecot with STARTTLS on its IMAP port and implicit TLS on another, with a certificate for 127.0.0.1."""
+    from tests.servers import free_port
 
-    directory = tmp_path / "tls"
-    directory.mkdir()
-    cert, key = self_signed_certificate(directory)
-    server = DovecotServer(extra_config=f"ssl = yes\nssl_cert = <{cert}\nssl_key = <{key}\n")
+    cert, key = tmp_path / "tls.pem", tmp_path / "tls.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=imap.test",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    imaps_port = free_port()
+    listener = f"service imap-login {{\n inet_listener imaps {{\n address = 127.0.0.1\n port = {imaps_port}\n }}\n}}\n"
+    server = DovecotServer(extra_config=f"ssl = yes\nssl_cert = <{cert}\nssl_key = <{key}\n{listener}")
     with server:
         (server.tmpdir / "tls.pem").write_bytes(cert.read_bytes())
+        server.imaps_port = imaps_port  # type: ignore[attr-defined]
         yield server
 
 
