@@ -395,3 +395,58 @@ async def test_a_failing_mailbox_does_not_stop_the_others(
     await eventually(lambda: jobs(redis), what="the working mailbox's job")
     assert subjects(redis) == Counter([5])
     assert failing.status.state in ("backoff", "connecting")
+
+
+def test_collect_once_from_gitlab_yml_as_it_is(dovecot: DovecotServer, tmp_path: Path) -> None:
+    """GitLab's own gitlab.yml, webhook delivery to GitLab's mail_room API, run from cron with --once."""
+    import base64
+
+    key = b"m" * 32
+    secret = tmp_path / ".gitlab_mailroom_secret"
+    secret.write_text(base64.b64encode(key).decode())
+    secret.chmod(0o600)
+    gitlab = GitLabStub(key).start()
+    try:
+        deliver_numbered(dovecot, range(12))
+        port = int(gitlab.url.rsplit(":", 1)[1])
+        gitlab_yml = {
+            "production": {
+                "gitlab": {"host": "127.0.0.1", "port": port, "https": False},
+                "incoming_email": {
+                    "enabled": True,
+                    "address": "incoming+%{key}@incoming.test",
+                    "user": dovecot.user,
+                    "password": dovecot.password,
+                    "host": dovecot.host,
+                    "port": dovecot.imap_port,
+                    "ssl": False,
+                    "start_tls": False,
+                    "mailbox": "inbox",
+                    "idle_timeout": 60,
+                    "log_path": "log/mail_room_json.log",
+                    "delete_after_delivery": True,
+                    "expunge_deleted": False,
+                    "delivery_method": "webhook",
+                    "secret_file": str(secret),
+                },
+            }
+        }
+        config = tmp_path / "gitlab.yml"
+        config.write_text(yaml.safe_dump(gitlab_yml))
+        argv = [*lmtp_gateway_command(), "collect", "--config", str(config), "--once", "--spool", str(tmp_path / "s")]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines() == [
+            "incoming_email: 12 collected",
+            "delivered 12; 0 left pending in the journal for the next run",
+        ]
+        assert Counter(_number(r.body) for r in gitlab.received) == Counter(range(12))
+        with Inspector(dovecot) as mailbox:
+            assert all(r"\Deleted" in flags for flags in mailbox.flags().values())
+        gitlab.enabled = ()  # GitLab answers 401 now (mailbox disabled): kept, retried next run, exit 1
+        deliver_numbered(dovecot, [12])
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1
+        assert done.stdout.splitlines()[-1] == "delivered 0; 1 left pending in the journal for the next run"
+    finally:
+        gitlab.stop()
