@@ -450,3 +450,26 @@ def test_collect_once_from_gitlab_yml_as_it_is(dovecot: DovecotServer, tmp_path:
         assert done.stdout.splitlines()[-1] == "delivered 0; 1 left pending in the journal for the next run"
     finally:
         gitlab.stop()
+
+
+async def test_collect_reports_its_state_and_counts_on_metrics(
+    dovecot: DovecotServer, redis: Any, tmp_path: Path, start_gateway: StartGateway
+) -> None:
+    import httpx
+
+    deliver_numbered(dovecot, range(4))
+    config = make_config(
+        tmp_path / "spool",
+        incoming_email={**imap_settings(dovecot), "delivery_method": "sidekiq"},
+        service_desk_email=None,
+        redis={"url": redis.url},
+        monitoring={"listen": "off", "collect_listen": "127.0.0.1:0"},
+    )
+    running = await start_gateway(config, listen=False, collect=True)
+    (collector,) = running.gateway.collectors
+    await eventually(lambda: collector.status.state == "idle" and len(jobs(redis)) == 4, what="drained")
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(f"http://{running.gateway.ops.address}/metrics")).text
+    assert 'lmtp_gateway_collected_total{mailbox="incoming_email"} 4.0' in text
+    assert 'lmtp_gateway_collector_state{mailbox="incoming_email",state="idle"} 1.0' in text
+    assert 'lmtp_gateway_collector_state{mailbox="incoming_email",state="backoff"} 0.0' in text
