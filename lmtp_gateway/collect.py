@@ -13,9 +13,12 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import httpx
 
 from lmtp_gateway.collectors import Ref, Source, SourceError
 from lmtp_gateway.collectors.arbiter import Arbiter, Claim, RedisArbiter, SoleCollector, owner_id
@@ -221,8 +224,9 @@ def describe(error: BaseException) -> str:
     return f"unexpected {name}: {error}"
 
 
-async def _until_stopped(work: object, stopping: asyncio.Event) -> None:
-    task = asyncio.ensure_future(work)  # type: ignore[arg-type]
+async def _until_stopped(work: Coroutine[Any, Any, None], stopping: asyncio.Event) -> None:
+    """Run `work` until it ends or `stopping` is set; its exception, if any, is raised."""
+    task = asyncio.ensure_future(work)
     stop = asyncio.ensure_future(stopping.wait())
     try:
         await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -232,8 +236,8 @@ async def _until_stopped(work: object, stopping: asyncio.Event) -> None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-    if task.done() and not task.cancelled() and task.exception() is not None:
-        raise task.exception()  # type: ignore[misc]
+    if task.done() and not task.cancelled() and (error := task.exception()) is not None:
+        raise error
 
 
 def _by_size(refs: list[Ref]) -> list[list[Ref]]:
@@ -283,8 +287,6 @@ def build_source(config: Config, mailbox: MailboxConfig, state_dir: Path) -> Sou
             graph = GraphSettings.from_config({**settings, "user": imap.user}, where)
         except ValueError as error:
             raise ConfigError(f"{error} (XOAUTH2 for IMAP)") from None
-        import httpx
-
         token = ClientCredentials(
             httpx.AsyncClient(timeout=30.0),
             graph.azure_ad_endpoint,
