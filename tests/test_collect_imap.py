@@ -473,3 +473,17 @@ async def test_collect_reports_its_state_and_counts_on_metrics(
     assert 'lmtp_gateway_collected_total{mailbox="incoming_email"} 4.0' in text
     assert 'lmtp_gateway_collector_state{mailbox="incoming_email",state="idle"} 1.0' in text
     assert 'lmtp_gateway_collector_state{mailbox="incoming_email",state="backoff"} 0.0' in text
+
+
+async def test_a_server_restart_while_idle_is_survived(
+    dovecot: DovecotServer, redis: Any, tmp_path: Path, start_gateway: StartGateway
+) -> None:
+    running = await start_gateway(collect_config(tmp_path / "spool", dovecot, redis), listen=False, collect=True)
+    (collector,) = running.gateway.collectors
+    await eventually(lambda: collector.status.state == "idle", what="collector idling")
+    dovecot.stop()
+    await eventually(lambda: collector.status.state == "backoff", what="the collector to notice")
+    dovecot.start()
+    deliver_numbered(dovecot, [3])
+    await eventually(lambda: jobs(redis), timeout=20, what="the job after the restart")
+    assert subjects(redis) == Counter([3])
