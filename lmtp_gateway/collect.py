@@ -93,9 +93,7 @@ class MailboxCollector:
         taken = 0
         handled: set[str] = set()  # settled in this pass: if the server shows them again, do not loop on them
         while not self._stopping.is_set():
-            waiting = await self.source.pending(BATCH_MESSAGES + len(self.status.skipped) + len(handled))
-            refs = [ref for ref in waiting if ref.key not in self.status.skipped and ref.key not in handled]
-            refs = refs[:BATCH_MESSAGES]
+            refs = await self.source.pending(BATCH_MESSAGES, self.status.skipped | handled)
             if not refs:
                 break
             self._set_state("fetching")

@@ -8,7 +8,7 @@ every kind of mailbox.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -33,8 +33,8 @@ class Source(Protocol):
 
     async def connect(self) -> None: ...
 
-    async def pending(self, limit: int) -> list[Ref]:
-        """At most `limit` messages not collected yet, oldest first."""
+    async def pending(self, limit: int, skip: Collection[str] = ()) -> list[Ref]:
+        """At most `limit` messages not collected yet, oldest first, leaving out those whose key is in `skip`."""
         ...
 
     async def fetch(self, refs: Sequence[Ref]) -> dict[str, bytes]:

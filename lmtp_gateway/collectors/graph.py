@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -149,7 +149,7 @@ class GraphSource:
                 continue
             return response
 
-    async def pending(self, limit: int) -> list[Ref]:
+    async def pending(self, limit: int, skip: Collection[str] = ()) -> list[Ref]:
         url: str | None = self._messages
         params: dict[str, Any] | None = {"$filter": "isRead eq false", "$select": "id", "$top": min(limit, 100)}
         refs: list[Ref] = []
@@ -157,7 +157,8 @@ class GraphSource:
             response = await self._request("GET", url, params=params)
             _expect(response, 200, "list messages")
             body = response.json()
-            refs.extend(Ref(f"{self.settings.user}/{self.settings.mailbox}:{m['id']}", m["id"]) for m in body["value"])
+            found = (Ref(f"{self.settings.user}/{self.settings.mailbox}:{m['id']}", m["id"]) for m in body["value"])
+            refs.extend(ref for ref in found if ref.key not in skip)
             url, params = body.get("@odata.nextLink"), None  # the link carries the query
         return refs[:limit]
 

@@ -19,7 +19,7 @@ import logging
 import os
 import re
 import ssl
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,6 +87,40 @@ class ImapSettings:
 
 
 class _ClientProtocol(aioimaplib.IMAP4ClientProtocol):
+    def _handle_responses(
+        self,
+        data: bytes,
+        line_handler: Callable[[bytes, Any], Any],
+        current_cmd: aioimaplib.Command | None = None,
+    ) -> None:
+        """aioimaplib's reader, as a loop: it recursed once per line received, so an answer of a thousand lines
+        in one read (sizes of a large backlog, a long EXPUNGE) raised RecursionError."""
+        while True:
+            if not data:
+                if self.pending_sync_command is not None:
+                    self.pending_sync_command.flush()
+                if current_cmd is not None and current_cmd.wait_data():
+                    raise aioimaplib.IncompleteRead(current_cmd)
+                return
+            if current_cmd is not None and current_cmd.wait_literal_data():
+                data = current_cmd.append_literal_data(data)
+                if current_cmd.wait_literal_data():
+                    raise aioimaplib.IncompleteRead(current_cmd)
+            line, separator, tail = data.partition(b"\r\n")
+            if not separator:
+                raise aioimaplib.IncompleteRead(current_cmd, data)
+            command = line_handler(line, current_cmd)
+            literal = aioimaplib.literal_data_re.match(line)
+            if literal:
+                if command is None:
+                    command = aioimaplib.Command("NIL", "unused")
+                command.begin_literal_data(int(literal.group("size")))
+                data, current_cmd = tail, command
+            elif command is not None and command.wait_data():
+                data, current_cmd = tail, command
+            else:
+                data, current_cmd = tail, None
+
     async def starttls(self, context: ssl.SSLContext, server_hostname: str) -> None:
         response = await self.execute(aioimaplib.Command("STARTTLS", self.new_tag(), loop=self.loop))
         if response.result != "OK":
@@ -288,14 +322,14 @@ class ImapSource:
             raise SourceError("connection lost")
         return self._client
 
-    async def pending(self, limit: int) -> list[Ref]:
+    async def pending(self, limit: int, skip: Collection[str] = ()) -> list[Ref]:
         client = self._connected()
         after = self.state.last_uid + 1
         # Two searches: in "UID n:*" the * always matches the newest message, even below n, so a combined
         # search could not tell an unseen message from that one.
         unseen = await self._search(client, "UNDELETED", "UNSEEN")
         newer = {uid for uid in await self._search(client, "UNDELETED", f"UID {after}:*") if uid >= after}
-        uids = sorted(unseen | newer)[:limit]
+        uids = [uid for uid in sorted(unseen | newer) if self._key(uid) not in skip][:limit]
         if not uids:
             return []
         sizes = await client.uid("fetch", _uid_set(uids), "(UID RFC822.SIZE)")
@@ -303,11 +337,10 @@ class ImapSource:
         for line in sizes.lines:
             if isinstance(line, bytes) and (uid := _UID.search(line)) and (size := _SIZE.search(line)):
                 by_uid[int(uid.group(1))] = int(size.group(1))
-        return [
-            Ref(f"{self.settings.identity}:{self._uidvalidity}:{uid}", str(uid), by_uid.get(uid))
-            for uid in uids
-            if uid in by_uid  # expunged meanwhile
-        ]
+        return [Ref(self._key(uid), str(uid), by_uid[uid]) for uid in uids if uid in by_uid]  # else expunged meanwhile
+
+    def _key(self, uid: int) -> str:
+        return f"{self.settings.identity}:{self._uidvalidity}:{uid}"
 
     @staticmethod
     async def _search(client: _Client, *criteria: str) -> set[int]:
