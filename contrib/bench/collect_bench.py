@@ -378,6 +378,7 @@ def bench_drain(
     messages: int,
     size: int,
     timeout: float,
+    stall: float,
     mail_room: str,
 ) -> DrainRun:
     """One drain on a fresh Dovecot and a flushed Redis (mail_room's arbitration keys are per UID, and UIDs start
@@ -394,13 +395,20 @@ def bench_drain(
         started = time.perf_counter()
         deadline = started + timeout
         count = 0
+        progress = started  # when the count last grew: a collector that stops making progress is given up on
         while count < messages and time.perf_counter() < deadline:
-            count = client.llen(QUEUE_KEY)
+            now_count = client.llen(QUEUE_KEY)
+            now = time.perf_counter()
+            if now_count > count:
+                count, progress = now_count, now
             if count and result.first_job_s is None:
-                result.first_job_s = time.perf_counter() - started
+                result.first_job_s = now - started
             if count < messages:
                 if not process_running(proc) and client.llen(QUEUE_KEY) < messages:
                     result.errors.append(f"collector exited with {count} of {messages} jobs in Redis")
+                    break
+                if now - progress > stall:
+                    result.errors.append(f"stalled: no new job for {stall:.0f} s, {count} of {messages} in Redis")
                     break
                 time.sleep(POLL_S)
         done = time.perf_counter()
@@ -411,6 +419,14 @@ def bench_drain(
                 result.steady_msgs_per_s = (messages - 1) / (result.seconds - result.first_job_s)
         elif not result.errors:
             result.errors.append(f"timed out after {timeout:.0f}s with {count} of {messages} jobs")
+        if result.errors:  # no point waiting for it: stop it and keep what its log says
+            before_stop = log_size(log_path)
+            status, usage = reap(proc, terminate=True, timeout=10)
+            result.exit_status = status
+            problems = collector_log_problems(leg, log_path, before_stop)
+            if problems:
+                result.errors.append("log: " + " | ".join(summarize(problems)))
+            return result
         if leg == "gateway-once":
             status, usage = reap(proc, terminate=False, timeout=max(1.0, deadline - time.perf_counter()))
             result.exit_s = time.perf_counter() - started
@@ -685,6 +701,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=7, help="latency samples per leg and round (default 7)")
     parser.add_argument("--quick", action="store_true", help="300 messages, 1 round, 8 samples (~1 minute)")
     parser.add_argument("--timeout", type=float, default=300, help="limit per drain in s (default 300)")
+    parser.add_argument(
+        "--stall", type=float, default=30, help="give a drain up after this many s without a new job (default 30)"
+    )
     parser.add_argument("--mail-room", default=None, help="the mail_room executable (default: mail_room on PATH)")
     parser.add_argument("--ref", metavar="COMMIT", help="measure the gateway as of this git commit")
     parser.add_argument("--output", type=Path, default=DEFAULT_RESULTS, help="JSON results (default: next to this)")
@@ -748,6 +767,7 @@ def main(argv: list[str] | None = None) -> int:
                 messages=args.messages,
                 size=args.size,
                 timeout=args.timeout,
+                stall=args.stall,
                 mail_room=mail_room,
             )
             drain_runs[leg].append(run)
