@@ -60,7 +60,7 @@ async def test_drains_every_page_and_marks_only_journaled_mail_read(
 ) -> None:
     for number in range(120):
         graph.add(numbered_message(number))
-    report = await collect_once(graph_config(tmp_path / "spool", graph, redis))
+    report = await collect_once(graph_config(tmp_path / "spool", graph, redis, delete_after_delivery=False))
     assert report.errors == {} and report.collected == {"incoming_email": 120} and report.pending == 0
     assert subjects(redis) == Counter(range(120))
     assert graph.unread() == [] and len(graph.messages) == 120

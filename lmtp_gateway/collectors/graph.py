@@ -39,7 +39,7 @@ class GraphSettings:
     poll_interval: int = 60
     azure_ad_endpoint: str = AZURE_AD_ENDPOINT
     graph_endpoint: str = GRAPH_ENDPOINT
-    delete_after_delivery: bool = False
+    delete_after_delivery: bool = True  # GitLab's default (its docs advise false for Graph)
 
     @classmethod
     def from_config(cls, settings: Mapping[str, Any], where: str) -> GraphSettings:
@@ -58,7 +58,7 @@ class GraphSettings:
             poll_interval=int(options.get("poll_interval") or 60),
             azure_ad_endpoint=(options.get("azure_ad_endpoint") or AZURE_AD_ENDPOINT).rstrip("/"),
             graph_endpoint=(options.get("graph_endpoint") or GRAPH_ENDPOINT).rstrip("/"),
-            delete_after_delivery=bool(settings.get("delete_after_delivery", False)),
+            delete_after_delivery=bool(settings.get("delete_after_delivery", True)),
         )
 
 

@@ -50,7 +50,7 @@ class ImapSettings:
     verify: bool = True
     ca_file: str | None = None
     idle_timeout: int = 60
-    delete_after_delivery: bool = False
+    delete_after_delivery: bool = True  # GitLab's default
     expunge_deleted: bool = False
 
     @classmethod
@@ -70,7 +70,7 @@ class ImapSettings:
             verify=bool(settings.get("ssl_verify", True)),
             ca_file=settings.get("ssl_ca_file"),
             idle_timeout=int(settings.get("idle_timeout") or 60),
-            delete_after_delivery=bool(settings.get("delete_after_delivery", False)),
+            delete_after_delivery=bool(settings.get("delete_after_delivery", True)),
             expunge_deleted=bool(settings.get("expunge_deleted", False)),
         )
 
