@@ -102,7 +102,12 @@ class Gateway:
             return ["stopping"]
         if not self.started.is_set():
             return ["starting: recovering the journal"]
-        return await self.readiness.problems()
+        collecting = [
+            f"collector {c.mailbox}: {c.status.last_error}"
+            for c in self.collectors
+            if c.status.state == "backoff" and c.status.last_error
+        ]
+        return collecting + await self.readiness.problems()
 
     async def _probe_journal(self) -> str | None:
         # A message of the largest size allowed must still fit.

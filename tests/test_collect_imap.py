@@ -396,6 +396,12 @@ async def test_a_failing_mailbox_does_not_stop_the_others(
     await eventually(lambda: jobs(redis), what="the working mailbox's job")
     assert subjects(redis) == Counter([5])
     assert failing.status.state in ("backoff", "connecting")
+    problems: list[str] = []
+    while not problems:  # /readyz names the mailbox that cannot be collected, while it backs off
+        problems = await running.gateway.health()
+        await asyncio.sleep(0.02)
+    (problem,) = problems
+    assert problem.startswith("collector service_desk_email: cannot connect")
 
 
 def test_collect_once_from_gitlab_yml_as_it_is(dovecot: DovecotServer, tmp_path: Path) -> None:
