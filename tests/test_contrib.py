@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
+from lmtp_gateway.collect import build_source, is_collected
 from lmtp_gateway.config import parse_config
 from tests.conftest import REPO, lmtp_gateway_command
 from tests.servers import require_binary
@@ -109,9 +110,11 @@ def test_example_loads(example: Path, tmp_path: Path, monkeypatch: pytest.Monkey
     for mailbox in config.mailboxes.values():
         settings = mailbox.settings
         assert not [k for k in settings if k.endswith("_env") or k == "password_file"]
-        if settings.get("host") or settings.get("inbox_method") == "microsoft_graph":
+        if is_collected(mailbox):
             secret = settings.get("password") or settings["inbox_options"]["client_secret"]
             assert secret.startswith(("value of ", "from a file"))
+            source = build_source(config, mailbox, tmp_path)  # what `collect` would start from it
+            assert source.name.startswith(("imap:", "graph:"))
     text = example.read_text()
     assert not re.search(r"^\s*(password|client_secret|sentinel_password):", text, re.M), "no plain secret committed"
     assert text.startswith("#"), "each example says what it is for"
