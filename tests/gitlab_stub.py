@@ -16,6 +16,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import jwt
 
+from tests.http_stub import LocalHttpStub
+
 MAILBOX_TYPES = ("incoming_email", "service_desk_email")
 
 
@@ -28,7 +30,7 @@ class Received:
 
 
 @dataclass
-class GitLabStub:
+class GitLabStub(LocalHttpStub):
     key: bytes
     max_size: int = 25 * 1024 * 1024
     enabled: tuple[str, ...] = MAILBOX_TYPES
@@ -36,11 +38,6 @@ class GitLabStub:
     scripted: list[int] = field(default_factory=list)  # statuses to answer first (500, 502…), then the contract
     server: ThreadingHTTPServer | None = None
     arrived: threading.Condition = field(default_factory=threading.Condition)
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
 
     def start(self) -> GitLabStub:
         stub = self
@@ -60,14 +57,8 @@ class GitLabStub:
                 self.end_headers()
                 self.wfile.write(payload)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self._serve(Handler)
         return self
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
 
     def handle(self, path: str, token: str | None, body: bytes, content_type: str) -> tuple[int, dict[str, object]]:
         prefix = "/api/v4/internal/mail_room/"

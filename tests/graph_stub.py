@@ -24,6 +24,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from tests.http_stub import LocalHttpStub
+
 
 @dataclass
 class StoredMessage:
@@ -33,7 +35,7 @@ class StoredMessage:
 
 
 @dataclass
-class GraphStub:
+class GraphStub(LocalHttpStub):
     tenant: str = "tenant-1"
     client_id: str = "client-1"
     client_secret: str = "s3cret-value"
@@ -52,11 +54,6 @@ class GraphStub:
     max_in_flight: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     server: ThreadingHTTPServer | None = None
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
 
     @property
     def graph_endpoint(self) -> str:
@@ -127,14 +124,8 @@ class GraphStub:
             def do_DELETE(self) -> None:
                 self._handle("DELETE")
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self._serve(Handler)
         return self
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
 
     # --- the contract ---
 
