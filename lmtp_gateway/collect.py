@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -328,7 +328,3 @@ def build_collectors(
             )
         )
     return collectors
-
-
-def summary(collectors: Sequence[MailboxCollector]) -> str:
-    return ", ".join(f"{c.mailbox}: {c.status.collected} collected" for c in collectors)

@@ -242,10 +242,7 @@ class ImapSource:
         try:
             await client.wait_hello_from_server()
         except ssl.SSLCertVerificationError as error:
-            raise SourceError(
-                f"{settings.host}: certificate not trusted ({error.verify_message}); give ssl_ca_file, "
-                "or ssl_verify: false for a test server"
-            ) from None
+            raise _untrusted(settings.host, error) from None
         except (OSError, TimeoutError) as error:
             raise SourceError(f"cannot connect to {settings.host}:{settings.port}: {error or 'timed out'}") from None
         if settings.start_tls:
@@ -255,10 +252,7 @@ class ImapSource:
             try:
                 await asyncio.wait_for(client.protocol.starttls(context, settings.host), COMMAND_TIMEOUT)
             except ssl.SSLCertVerificationError as error:
-                raise SourceError(
-                    f"{settings.host}: certificate not trusted ({error.verify_message}); give ssl_ca_file, "
-                    "or ssl_verify: false for a test server"
-                ) from None
+                raise _untrusted(settings.host, error) from None
         elif not settings.ssl and not _is_loopback(settings.host):
             log.warning(
                 "%s: neither ssl nor start_tls is set: the password crosses the network in clear text",
@@ -401,6 +395,13 @@ class ImapSource:
             raise SourceError("connection lost while idling")
         client.idle_done()
         await asyncio.wait_for(idle, COMMAND_TIMEOUT)
+
+
+def _untrusted(host: str, error: ssl.SSLCertVerificationError) -> SourceError:
+    return SourceError(
+        f"{host}: certificate not trusted ({error.verify_message}); give ssl_ca_file, "
+        "or ssl_verify: false for a test server"
+    )
 
 
 def _uid_set(uids: Any) -> str:
