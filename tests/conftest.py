@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
 import shutil
@@ -77,6 +78,14 @@ def gateway_yaml(spool_path: Path, /, **sections: Any) -> dict[str, Any]:
 
 def make_config(spool_path: Path, /, **sections: Any) -> Config:
     return parse_config(yaml.safe_dump(gateway_yaml(spool_path, **sections)), "test.yml")
+
+
+def mailroom_secret_file(directory: Path, key: bytes, mode: int = 0o600) -> Path:
+    """GitLab's .gitlab_mailroom_secret: the webhook's JWT key, base64-encoded."""
+    path = directory / ".gitlab_mailroom_secret"
+    path.write_bytes(base64.b64encode(key) + b"\n")
+    path.chmod(mode)
+    return path
 
 
 def tmp_leftovers(spool: Path) -> list[Path]:

@@ -5,7 +5,6 @@ real gateway, a real Redis, the GitLab stand-in and a real DNS server (dnsmasq).
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
 import re
@@ -18,7 +17,7 @@ import pytest
 import yaml
 
 from lmtp_gateway.check import main_domain_reason
-from tests.conftest import StartGateway, gateway_yaml, lmtp_gateway_command, remount
+from tests.conftest import StartGateway, gateway_yaml, lmtp_gateway_command, mailroom_secret_file, remount
 from tests.gitlab_stub import GitLabStub
 from tests.servers import free_port
 from tests.servers.dnsmasq import DnsmasqServer
@@ -70,10 +69,7 @@ def write_config(tmp_path: Path, lmtp_address: str, domain: str = DOMAIN, **sect
 
 
 def secret_file(tmp_path: Path, key: bytes = KEY) -> Path:
-    path = tmp_path / ".gitlab_mailroom_secret"
-    path.write_bytes(base64.b64encode(key) + b"\n")
-    path.chmod(0o600)
-    return path
+    return mailroom_secret_file(tmp_path, key)
 
 
 async def run_check(config: Path, dns: DnsmasqServer, *extra: str) -> subprocess.CompletedProcess[str]:

@@ -19,7 +19,14 @@ import yaml
 from lmtp_gateway.config import Config, ConfigError
 from lmtp_gateway.journal import Journal, State
 from lmtp_gateway.service import Gateway
-from tests.conftest import StartGateway, eventually, gateway_yaml, lmtp_gateway_command, make_config
+from tests.conftest import (
+    StartGateway,
+    eventually,
+    gateway_yaml,
+    lmtp_gateway_command,
+    mailroom_secret_file,
+    make_config,
+)
 from tests.gitlab_stub import GitLabStub
 from tests.mailbox import Inspector, deliver_numbered
 from tests.servers.dovecot import DovecotServer
@@ -131,12 +138,8 @@ async def test_redis_down_leaves_mail_unread_on_the_server_then_delivers_it_once
 async def test_sink_failing_keeps_each_message_unread_or_journaled_then_delivers_it_once(
     dovecot: DovecotServer, tmp_path: Path, start_gateway: StartGateway
 ) -> None:
-    secret = tmp_path / "secret"
     key = b"k" * 32
-    import base64
-
-    secret.write_text(base64.b64encode(key).decode())
-    secret.chmod(0o600)
+    secret = mailroom_secret_file(tmp_path, key)
     gitlab = GitLabStub(key, scripted=[502] * 30).start()
     try:
         deliver_numbered(dovecot, range(20))
@@ -406,12 +409,8 @@ async def test_a_failing_mailbox_does_not_stop_the_others(
 
 def test_collect_once_from_gitlab_yml_as_it_is(dovecot: DovecotServer, tmp_path: Path) -> None:
     """GitLab's own gitlab.yml, webhook delivery to GitLab's mail_room API, run from cron with --once."""
-    import base64
-
     key = b"m" * 32
-    secret = tmp_path / ".gitlab_mailroom_secret"
-    secret.write_text(base64.b64encode(key).decode())
-    secret.chmod(0o600)
+    secret = mailroom_secret_file(tmp_path, key)
     gitlab = GitLabStub(key).start()
     try:
         deliver_numbered(dovecot, range(12))

@@ -25,6 +25,7 @@ from tests.conftest import (
     eventually,
     gateway_yaml,
     lmtp_gateway_command,
+    mailroom_secret_file,
     make_config,
     message,
 )
@@ -57,9 +58,7 @@ async def test_a_full_delivery_logs_its_facts_and_no_secret_or_body(
     start_gateway: StartGateway, redis: Any, captured: io.StringIO, tmp_path: Path
 ) -> None:
     gitlab = GitLabStub(KEY, scripted=[500]).start()  # one deferral, so the retry path is logged too
-    secret = tmp_path / ".gitlab_mailroom_secret"
-    secret.write_bytes(base64.b64encode(KEY) + b"\n")
-    secret.chmod(0o600)
+    secret = mailroom_secret_file(tmp_path, KEY)
     redis.command("ACL", "SETUSER", "gateway", "on", f">{PASSWORD}", "~*", "&*", "+@all")
     try:
         config = make_config(

@@ -4,7 +4,6 @@ with a real Redis and a real read-only file system, and the HTTP responder's man
 from __future__ import annotations
 
 import asyncio
-import base64
 import os
 import socket
 import time
@@ -18,7 +17,16 @@ from prometheus_client.parser import text_string_to_metric_families
 from lmtp_gateway.config import ConfigError
 from lmtp_gateway.metrics import Metrics
 from lmtp_gateway.ops import OpsServer
-from tests.conftest import REPLY_RCPT, StartGateway, eventually, make_config, message, numbered_message, remount
+from tests.conftest import (
+    REPLY_RCPT,
+    StartGateway,
+    eventually,
+    mailroom_secret_file,
+    make_config,
+    message,
+    numbered_message,
+    remount,
+)
 from tests.gitlab_stub import GitLabStub
 
 DESK_RCPT = "contact+project_slug-project_key@incoming.test"
@@ -174,9 +182,7 @@ def small_disk_free(path: Path) -> int:
 async def test_readyz_fails_while_gitlab_does_not_answer(start_gateway: StartGateway, tmp_path: Path) -> None:
     key = os.urandom(32)
     gitlab = GitLabStub(key).start()
-    secret = tmp_path / "secret"
-    secret.write_bytes(base64.b64encode(key))
-    secret.chmod(0o600)
+    secret = mailroom_secret_file(tmp_path, key)
     config = make_config(
         tmp_path / "spool",
         gitlab={"url": gitlab.url},

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import os
 import time
 from collections.abc import Iterator
@@ -14,7 +13,7 @@ import pytest
 from lmtp_gateway.config import ConfigError
 from lmtp_gateway.journal import State
 from lmtp_gateway.sinks import read_webhook_key, webhook_token
-from tests.conftest import REPLY_RCPT, StartGateway, eventually, make_config, numbered_message
+from tests.conftest import REPLY_RCPT, StartGateway, eventually, mailroom_secret_file, make_config, numbered_message
 from tests.gitlab_stub import GitLabStub
 
 KEY = os.urandom(32)
@@ -28,10 +27,7 @@ def gitlab() -> Iterator[GitLabStub]:
 
 
 def secret_file(tmp_path: Path, key: bytes = KEY, mode: int = 0o600) -> Path:
-    path = tmp_path / ".gitlab_mailroom_secret"
-    path.write_bytes(base64.b64encode(key) + b"\n")
-    path.chmod(mode)
-    return path
+    return mailroom_secret_file(tmp_path, key, mode)
 
 
 def webhook_config(tmp_path: Path, gitlab: GitLabStub, secret: Path) -> object:
