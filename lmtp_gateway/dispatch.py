@@ -219,7 +219,7 @@ class Dispatcher:
                 delay = backoff_delay(entry.attempts, self.backoff_base, self.backoff_cap)
                 entry.last_error = reason
                 entry.next_attempt_at = self.clock() + delay
-                self.journal.update(entry)
+                await self.journal.update(entry)
                 self.stats.transient += 1
                 log.warning(
                     "temporary failure, retry in %.1fs: %s",

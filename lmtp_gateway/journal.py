@@ -8,9 +8,12 @@ A directory an admin can read with ordinary tools::
       pending/ID.json      its metadata: envelope, verdict, attempts, last error
       delivered/  dropped/  failed/
 
-An entry is committed when its ``.json`` is renamed into a state directory and that directory is fsynced;
-only then may anyone answer ``250``. The ``.json`` is the truth about an entry's state: a state change renames
-the ``.json`` first and the ``.eml`` follows, and recovery moves any ``.eml`` left behind to its ``.json``.
+An entry is committed when its ``.eml`` and ``.json`` are written in a state directory and both files and the
+directory are flushed to disk; only then may anyone answer ``250``. All of that happens in one I/O thread, so
+the event loop never waits for the file system.
+
+The ``.json`` is the truth about an entry's state: a state change renames the ``.json`` first and the ``.eml``
+follows, and recovery moves any ``.eml`` left behind to its ``.json``.
 
 The entry id is the first 24 hex digits of the fingerprint sha256(raw message, mailbox, recipient), so the
 same message for the same recipient always has the same id (and Sidekiq ``jid``): a Postfix retry of a
@@ -20,7 +23,7 @@ message already committed finds its entry instead of making a second one.
 from __future__ import annotations
 
 import asyncio
-import collections
+import concurrent.futures
 import contextlib
 import ctypes
 import ctypes.util
@@ -30,11 +33,10 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
@@ -127,13 +129,10 @@ class Draft:
     body: bytes | Path
 
 
-def _fsync_path(path: Path, directory: bool = False) -> None:
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        if directory:
-            os.fsync(fd)
-        else:
-            os.fdatasync(fd)  # enough for a new file: its size is part of what fdatasync writes
+        os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -149,41 +148,87 @@ def _syncfs(path: Path) -> None:
 
 
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_SYNC_FILE_RANGE_WRITE = 2
+try:
+    _LIBC.sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+except AttributeError:  # not Linux: fdatasync alone does the whole job, one file after the other
+    _start_writeback = None
+else:
+
+    def _start_writeback(fd: int) -> None:
+        """Queue the file's pages for writing now, without waiting: the fdatasyncs that follow then find the
+        data written and the block allocations of every file of the round in one file-system commit, instead of
+        forcing one commit (and one disk flush) each."""
+        _LIBC.sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
 
-class _GroupFlush:
-    """Durability for many sessions at once: one thread makes everything asked for since its last round reach
-    the disk, then wakes every caller of that round. Under load a round covers many sessions, so the disk sees
-    one flush per round instead of three per message.
+def _write_all(descriptor: int, *parts: bytes | Path) -> None:
+    """Write every part (bytes, or the content of a file) at the descriptor's position."""
+    for part in parts:
+        if isinstance(part, Path):
+            with open(part, "rb") as source:
+                while chunk := source.read(1 << 20):
+                    _write_all(descriptor, chunk)
+            continue
+        view = memoryview(part)
+        while view:
+            view = view[os.write(descriptor, view) :]
 
-    Only the flush runs in the thread: it is the one slow call, and it releases the GIL for its whole length.
-    (File creation and renames stay in the event loop: done from a thread, each of those short calls would wait
-    for the GIL behind a busy event loop, up to the 5 ms switch interval each.)
 
-    ``fsync`` flushes exactly the files and directories given; ``syncfs`` flushes the journal's whole file system
-    in one call (fewer calls, but it also waits for whatever else is dirty on that file system).
+@dataclass
+class _Job:
+    """One request to the I/O thread. `work` does the file-system calls and names what must reach the disk
+    (open descriptors to fdatasync, directories to fsync); `undo` removes what it made should that fail."""
+
+    work: Callable[[], _Flushable]
+    durable: bool
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[None]
+    undo: Callable[[], None] | None = None
+
+
+@dataclass
+class _Flushable:
+    files: list[int] = field(default_factory=list)  # descriptors, closed by the I/O thread once flushed
+    directories: set[Path] = field(default_factory=set)
+
+
+class _IOThread:
+    """All of the journal's file-system work, in one thread beside the event loop.
+
+    Creating, renaming and flushing files are system calls that can take most of a millisecond each on a busy
+    file system, and the event loop must not wait for any of them: while one of them runs, every session
+    waits. Here they run in rounds: every job queued since the last round does its work, then one flush makes
+    all of it durable at once (under load a round covers many sessions, so the disk sees one commit per round,
+    not several per message), then every caller of the round is woken. The thread releases the interpreter
+    lock for the length of each call.
+
+    ``fsync`` flushes exactly the files and directories of the round, several at once (the block layer merges
+    flushes that overlap: one after the other, each file would cost a disk flush of its own); ``syncfs`` the
+    journal's whole file system in one call (it also waits for whatever else is dirty there); ``off`` nothing.
     """
 
     def __init__(self, root: Path, method: str) -> None:
         self.root = root
         self.method = method
         self._lock = threading.Condition()
-        self._queue: list[tuple[list[Path], list[Path], asyncio.Future[None], asyncio.AbstractEventLoop]] = []
+        self._queue: list[_Job] = []
+        self._flushers = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="journal-flush")
         self._thread: threading.Thread | None = None
         self._closed = False
 
-    async def flush(self, files: list[Path], directories: list[Path]) -> None:
-        if self.method == "off":
-            return
+    async def run(
+        self, work: Callable[[], _Flushable], *, durable: bool, undo: Callable[[], None] | None = None
+    ) -> None:
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
+        job = _Job(work, durable, loop, loop.create_future(), undo)
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="journal-flush", daemon=True)
+                self._thread = threading.Thread(target=self._run, name="journal-io", daemon=True)
                 self._thread.start()
-            self._queue.append((files, directories, future, loop))
+            self._queue.append(job)
             self._lock.notify()
-        await future
+        await job.future
 
     def _run(self) -> None:
         while True:
@@ -193,85 +238,58 @@ class _GroupFlush:
                 if self._closed and not self._queue:
                     return
                 batch, self._queue = self._queue, []
-            error: BaseException | None = None
+            self._round(batch)
+
+    def _round(self, batch: list[_Job]) -> None:
+        errors: dict[int, BaseException] = {}
+        done: list[tuple[_Job, _Flushable]] = []
+        for number, job in enumerate(batch):
             try:
-                if self.method == "syncfs":
-                    _syncfs(self.root)
-                else:
-                    for path in {p for files, _, _, _ in batch for p in files}:
-                        _fsync_path(path)
-                    for path in {p for _, dirs, _, _ in batch for p in dirs}:
-                        _fsync_path(path, directory=True)
-            except OSError as caught:
-                error = caught
-            for _, _, future, loop in batch:
-                loop.call_soon_threadsafe(_settle, future, error)
+                done.append((job, job.work()))
+            except Exception as error:  # handed to the waiting caller, never lost
+                errors[number] = error
+        try:
+            durable = [flushable for job, flushable in done if job.durable]
+            if durable and self.method == "syncfs":
+                _syncfs(self.root)
+            elif durable and self.method == "fsync":
+                # In parallel: the block layer merges the disk flushes of calls that overlap.
+                descriptors = [fd for flushable in durable for fd in flushable.files]
+                list(self._flushers.map(os.fdatasync, descriptors))  # fdatasync: a new file's size is data
+                list(self._flushers.map(_fsync_dir, {d for flushable in durable for d in flushable.directories}))
+        except Exception as error:
+            for number, job in enumerate(batch):
+                if job.durable:
+                    errors.setdefault(number, error)
+        finally:
+            for _, flushable in done:
+                for descriptor in flushable.files:
+                    with contextlib.suppress(OSError):
+                        os.close(descriptor)
+        for number, job in enumerate(batch):
+            error = errors.get(number)
+            if error is not None and job.undo is not None:
+                with contextlib.suppress(OSError):
+                    job.undo()
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
+                job.loop.call_soon_threadsafe(_settle, job.future, error)
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
             self._lock.notify()
+        if self._thread is not None:
+            self._thread.join(10)
+        self._flushers.shutdown(wait=False)
 
 
 def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
-    if future.done():
+    if future.done():  # the caller gave up waiting (cancelled)
         return
     if error is None:
         future.set_result(None)
     else:
         future.set_exception(error)
-
-
-class _FilePool:
-    """Empty files made ahead of time in tmp/ by a background thread.
-
-    Creating a file is the costliest thing the journal does per message (on some file systems most of a
-    millisecond of kernel time); renaming one costs a few microseconds. So a thread keeps a few dozen empty files
-    ready, and the event loop fills one and renames it to its final name. The thread spends its time in the
-    kernel with the GIL released, on the other core. Leftovers are removed with the rest of tmp/ at start-up.
-    """
-
-    def __init__(self, directory: Path, size: int = 64) -> None:
-        self.directory = directory
-        self.size = size
-        self._ready: collections.deque[Path] = collections.deque()
-        self._wanted = threading.Event()
-        self._closed = False
-        self._thread: threading.Thread | None = None
-
-    def take(self) -> Path | None:
-        """A fresh empty file, or None when none is ready (the caller then creates one itself)."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._fill, name="journal-files", daemon=True)
-            self._thread.start()
-        try:
-            path = self._ready.popleft()
-        except IndexError:
-            path = None
-        if len(self._ready) < self.size // 2:
-            self._wanted.set()
-        return path
-
-    def _fill(self) -> None:
-        while not self._closed:
-            self._wanted.wait()
-            self._wanted.clear()
-            while len(self._ready) < self.size and not self._closed:
-                path = self.directory / f"{uuid.uuid4().hex}.new"
-                try:
-                    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640))
-                except OSError:
-                    break  # a full disk: the event loop will meet the error itself and answer 452
-                self._ready.append(path)
-
-    def close(self) -> None:
-        self._closed = True
-        self._wanted.set()
-        if self._thread is not None:
-            self._thread.join(5)
-        while self._ready:
-            with contextlib.suppress(OSError):
-                self._ready.popleft().unlink()
 
 
 class Journal:
@@ -280,8 +298,7 @@ class Journal:
         self.sync = sync
         self.tmp = root / "tmp"
         self.quarantine = root / "quarantine"
-        self._flush = _GroupFlush(root, sync)
-        self._files = _FilePool(self.tmp)
+        self._io = _IOThread(root, sync)
         # id -> state of every entry, kept by the journal's owner (serve) from open() on: dedupe look-ups then
         # cost no system call. Other processes (replay, spool) go to the files.
         self._index: dict[str, State] | None = None
@@ -397,80 +414,100 @@ class Journal:
         """Make every draft visible in its state directory and durable, or raise JournalError.
 
         Both files are written under their final names, the .eml first (without metadata it does not exist for
-        anyone, and recovery removes it), then one group flush; no temporary names, because creating a file is
-        the costliest step there is. A crash before the flush can leave an entry cut short; it was never
-        acknowledged, and recovery sets it aside (torn metadata, or a ``stored_size`` that does not match).
+        anyone, and recovery removes it), then flushed with the rest of the I/O thread's round; no temporary
+        names, because creating a file is the costliest step there is. A crash before the flush can leave an
+        entry cut short; it was never acknowledged, and recovery sets it aside (torn metadata, or a
+        ``stored_size`` that does not match).
         """
         if not drafts:
             return
-        placed: list[Path] = []
+        files: list[tuple[Path, bytes, bytes | Path]] = []
         try:
             for draft in drafts:
-                eml = self.eml_path(draft.entry)
-                placed.append(eml)
-                with self._new_file(eml) as handle:
-                    handle.write(draft.prefix)
-                    if isinstance(draft.body, bytes):
-                        handle.write(draft.body)
-                    else:
-                        with open(draft.body, "rb") as source:
-                            shutil.copyfileobj(source, handle, 1 << 20)
-                    draft.entry.stored_size = handle.tell()
-                metadata = self._json_path(draft.entry)
-                placed.append(metadata)
-                with self._new_file(metadata) as handle:
-                    handle.write(draft.entry.to_json())
-            await self._flush.flush(placed, sorted({self.state_dir(d.entry.state) for d in drafts}))
-            if self._index is not None:
-                self._index.update((d.entry.id, d.entry.state) for d in drafts)
-        except OSError as error:
-            for path in placed:
+                body_size = len(draft.body) if isinstance(draft.body, bytes) else draft.body.stat().st_size
+                draft.entry.stored_size = len(draft.prefix) + body_size
+                files.append((self.eml_path(draft.entry), draft.prefix, draft.body))
+                files.append((self._json_path(draft.entry), draft.entry.to_json(), b""))
+        except OSError as error:  # the spilled body of a large message is gone
+            raise JournalError(describe_os_error(error)) from error
+        directories = {self.state_dir(d.entry.state) for d in drafts}
+        start_writeback = _start_writeback if self.sync == "fsync" else None
+
+        def work() -> _Flushable:
+            flushable = _Flushable(directories=directories)
+            try:
+                for path, head, rest in files:
+                    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+                    flushable.files.append(descriptor)
+                    _write_all(descriptor, head, rest)
+                    if start_writeback is not None:
+                        start_writeback(descriptor)
+            except BaseException:
+                for descriptor in flushable.files:
+                    os.close(descriptor)
+                raise
+            return flushable
+
+        def undo() -> None:
+            for path, _, _ in files:
                 with contextlib.suppress(OSError):
                     path.unlink()
+
+        try:
+            await self._io.run(work, durable=True, undo=undo)
+        except OSError as error:
             raise JournalError(describe_os_error(error)) from error
+        if self._index is not None:
+            self._index.update((d.entry.id, d.entry.state) for d in drafts)
 
-    def _new_file(self, final: Path) -> BinaryIO:
-        """Open a new file under its final name: a ready-made one renamed into place when there is one."""
-        ready = self._files.take()
-        if ready is None:
-            return open(final, "wb")
-        os.replace(ready, final)
-        return open(final, "r+b")
-
-    def _write_metadata(self, entry: Entry) -> Path:
-        """Atomically (tmp + rename): readers never see half a .json."""
+    def _replace_metadata(self, entry: Entry, data: bytes) -> int:
+        """Atomically (tmp + rename), so readers never see half a .json; returns the open new file."""
         tmp = self.tmp / f"{entry.id}.{uuid.uuid4().hex[:8]}.json"
-        tmp.write_bytes(entry.to_json())
-        final = self._json_path(entry)
-        os.replace(tmp, final)
-        return final
+        descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+        try:
+            _write_all(descriptor, data)
+            os.replace(tmp, self._json_path(entry))
+        except BaseException:
+            os.close(descriptor)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        return descriptor
 
     def discard(self, path: Path) -> None:
         with contextlib.suppress(OSError):
             path.unlink()
 
-    def update(self, entry: Entry) -> None:
+    async def update(self, entry: Entry) -> None:
         """Rewrite an entry's metadata (attempts, last error); not flushed: losing it loses no mail."""
-        self._write_metadata(entry)
+        data = entry.to_json()
+        await self._io.run(lambda: _Flushable([self._replace_metadata(entry, data)]), durable=False)
 
     async def move(self, entry: Entry, state: State, *, durable: bool = False) -> None:
         """Change an entry's state: the .json is renamed first (it is the truth), the .eml follows, then the
-        metadata is brought up to date in place (finished entries' metadata is informational: no new file)."""
+        metadata is brought up to date in place (finished entries' metadata is informational: no new file).
+        A dead letter's metadata must survive anything: it is replaced atomically and flushed."""
         old_json, old_eml = self._json_path(entry), self.eml_path(entry)
         entry.state = state
         entry.finished_at = time.time() if state in FINISHED else None
-        new_json = self._json_path(entry)
-        if old_json != new_json:
-            os.replace(old_json, new_json)
-            os.replace(old_eml, self.eml_path(entry))
-        if durable:  # a dead letter's metadata must survive anything: atomic replacement, flushed
-            self._write_metadata(entry)
-            await self._flush.flush([new_json], [self.state_dir(state)])
-        else:
-            with open(new_json, "r+b") as handle:
-                data = entry.to_json()
-                handle.write(data)
-                handle.truncate(len(data))
+        new_json, new_eml = self._json_path(entry), self.eml_path(entry)
+        data = entry.to_json()
+
+        def work() -> _Flushable:
+            if old_json != new_json:
+                os.replace(old_json, new_json)
+                os.replace(old_eml, new_eml)
+            if durable:
+                return _Flushable([self._replace_metadata(entry, data)], {new_json.parent})
+            descriptor = os.open(new_json, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                _write_all(descriptor, data)
+                os.ftruncate(descriptor, len(data))
+            finally:
+                os.close(descriptor)
+            return _Flushable()
+
+        await self._io.run(work, durable=durable)
         if self._index is not None:
             self._index[entry.id] = state
 
@@ -544,8 +581,7 @@ class Journal:
         return None
 
     def close(self) -> None:
-        self._flush.close()
-        self._files.close()
+        self._io.close()
         if self._owner_lock is not None:
             os.close(self._owner_lock)
             self._owner_lock = None

@@ -105,7 +105,7 @@ async def _replay_entry(journal: Journal, sinks: Sinks, entry: Entry, dry_run: b
             return ReplayLine(entry.id, "failed", reason)
         case Transient(reason):
             entry.last_error = reason
-            journal.update(entry)
+            await journal.update(entry)
             return ReplayLine(entry.id, "deferred", reason)
     raise AssertionError(outcome)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import time
@@ -11,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lmtp_gateway.ingress import DataDecoder
-from lmtp_gateway.journal import Draft, Entry, Journal, State, envelope_headers, fingerprint
+from lmtp_gateway.journal import Draft, Entry, Journal, JournalError, State, envelope_headers, fingerprint
 from tests.conftest import tmp_leftovers
 from tests.lmtp_client import dot_stuff
 
@@ -177,3 +178,27 @@ def test_fast_address_parsing_agrees_with_aiosmtpd(local: str, domain: str, para
     if _PLAIN_PATH.match(arg) is not None:  # the fast path takes it: it must answer what aiosmtpd answers
         assert expected is not None
         assert LmtpSession._getaddr(plain, arg) == expected  # type: ignore[arg-type]
+
+
+async def test_commits_of_one_round_succeed_or_fail_on_their_own(tmp_path: Path) -> None:
+    journal = Journal(tmp_path)
+    journal.open()
+    spilled = tmp_path / "tmp" / "large.data"  # a large message, streamed to disk while it arrived
+    spilled.write_bytes(b"x" * (3 << 20))
+    small, large, copy, lost = (new_entry(c * 24) for c in "6789")
+    results = await asyncio.gather(
+        journal.commit([Draft(small, b"Delivered-To: r@h\r\n", b"small")]),
+        journal.commit([Draft(large, b"", spilled), Draft(copy, b"Delivered-To: s@h\r\n", spilled)]),
+        journal.commit([Draft(lost, b"", tmp_path / "tmp" / "vanished.data")]),
+        return_exceptions=True,
+    )
+    assert results[:2] == [None, None]
+    assert isinstance(results[2], JournalError)
+    assert not list((tmp_path / "pending").glob(f"{'9' * 24}.*"))
+    assert (tmp_path / "pending" / f"{'8' * 24}.eml").read_bytes() == b"Delivered-To: s@h\r\n" + b"x" * (3 << 20)
+    assert copy.stored_size == (3 << 20) + len(b"Delivered-To: s@h\r\n")
+    journal.close()
+    reopened = Journal(tmp_path)
+    assert sorted(e.id for e in reopened.open()) == [c * 24 for c in "678"]  # whole: nothing set aside
+    assert not (tmp_path / "quarantine").exists()
+    reopened.close()
