@@ -65,6 +65,8 @@ from lmtp_bench import (
     snapshot_code,
     summarize,
 )
+from scratch import CHOICES, scratch_dir  # beside this file
+from scratch import HELP as SCRATCH_HELP
 
 from tests.mailbox import Inspector
 from tests.servers import process_running, require_binary, start_process, stop_process
@@ -705,6 +707,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--stall", type=float, default=30, help="give a drain up after this many s without a new job (default 30)"
     )
     parser.add_argument("--mail-room", default=None, help="the mail_room executable (default: mail_room on PATH)")
+    parser.add_argument("--scratch", choices=CHOICES, default="auto", help=SCRATCH_HELP)
     parser.add_argument("--ref", metavar="COMMIT", help="measure the gateway as of this git commit")
     parser.add_argument("--output", type=Path, default=DEFAULT_RESULTS, help="JSON results (default: next to this)")
     args = parser.parse_args(argv)
@@ -741,10 +744,16 @@ def rounds(legs: tuple[str, ...], repeat: int) -> Iterator[tuple[int, str]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    with scratch_dir(args.scratch) as (_, scratch):
+        print(f"spools and Maildirs on: {scratch}", file=sys.stderr)
+        return run(args, scratch)
+
+
+def run(args: argparse.Namespace, scratch: str) -> int:
     mail_room = args.mail_room or require_binary("mail_room", "ruby-mail-room ruby-redis ruby-redis-namespace")
     import redis as redis_py  # the gateway's own dependency, in its virtualenv
 
-    workdir = Path(tempfile.mkdtemp(prefix="collect-bench-", dir="/var/tmp"))
+    workdir = Path(tempfile.mkdtemp(prefix="collect-bench-"))
     redis = RedisServer()
     drain_runs: dict[str, list[DrainRun]] = {leg: [] for leg in DRAIN_LEGS}
     latency_runs: dict[str, list[LatencyRun]] = {leg: [] for leg in LATENCY_LEGS}
@@ -832,6 +841,7 @@ def main(argv: list[str] | None = None) -> int:
             **machine(),
             "loadavg_before": load_before,
             "loadavg_after": os.getloadavg(),
+            "scratch": scratch,
             "file_create_us_before": create_before,
             "wall_s": time.monotonic() - started,
         },

@@ -41,6 +41,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from scratch import CHOICES, scratch_dir  # noqa: E402  (beside this file)
+from scratch import HELP as SCRATCH_HELP  # noqa: E402
+
 from tests.servers import (  # noqa: E402  (the repository root must be on sys.path first)
     free_port,
     process_running,
@@ -634,6 +637,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--output", type=Path, default=DEFAULT_RESULTS, help="JSON results (default: next to this script)"
     )
+    parser.add_argument("--scratch", choices=CHOICES, default="auto", help=SCRATCH_HELP)
     parser.add_argument("--profile", type=Path, metavar="DIR", help="run the gateway under cProfile, .prof files here")
     args = parser.parse_args(argv)
     try:
@@ -647,6 +651,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    with scratch_dir(args.scratch) as (_, scratch):
+        print(f"spools and Maildirs on: {scratch}", file=sys.stderr)
+        return run(args, scratch)
+
+
+def run(args: argparse.Namespace, scratch: str) -> int:
     smtp_source = require_binary("smtp-source", "postfix")
     profile_dir: Path | None = args.profile.resolve() if args.profile else None
     if profile_dir:
@@ -718,6 +728,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {
             **machine(),
             "tmpdir": tempfile.gettempdir(),
+            "scratch": scratch,
             "loadavg_before": load_before,
             "loadavg_after": os.getloadavg(),
             "file_create_us_before": create_before,
