@@ -29,6 +29,7 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -199,13 +200,13 @@ class _IOThread:
     Creating, renaming and flushing files are system calls that can take most of a millisecond each on a busy
     file system, and the event loop must not wait for any of them: while one of them runs, every session
     waits. Here they run in rounds: every job queued since the last round does its work, then one flush makes
-    all of it durable at once (under load a round covers many sessions, so the disk sees one commit per round,
-    not several per message), then every caller of the round is woken. The thread releases the interpreter
-    lock for the length of each call.
+    the round durable as a whole (under load a round covers many sessions, so the disk sees one commit per
+    round, not several per message), and its callers are woken when that flush returns. The flush runs in a
+    pool of threads while this one goes on with the next round. Every thread releases the interpreter lock for
+    the length of each call.
 
-    ``fsync`` flushes exactly the files and directories of the round, several at once (the block layer merges
-    flushes that overlap: one after the other, each file would cost a disk flush of its own); ``syncfs`` the
-    journal's whole file system in one call (it also waits for whatever else is dirty there); ``off`` nothing.
+    ``fsync`` flushes exactly the files and directories of the round; ``syncfs`` the journal's whole file
+    system in one call (it also waits for whatever else is dirty there); ``off`` nothing.
     """
 
     def __init__(self, root: Path, method: str) -> None:
@@ -213,7 +214,7 @@ class _IOThread:
         self.method = method
         self._lock = threading.Condition()
         self._queue: list[_Job] = []
-        self._flushers = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="journal-flush")
+        self._flushers = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="journal-flush")
         self._thread: threading.Thread | None = None
         self._closed = False
 
@@ -241,38 +242,35 @@ class _IOThread:
             self._round(batch)
 
     def _round(self, batch: list[_Job]) -> None:
-        errors: dict[int, BaseException] = {}
-        done: list[tuple[_Job, _Flushable]] = []
-        for number, job in enumerate(batch):
+        """The durable jobs' work, then their flush in the background while this thread goes on with the rest
+        of the round (state changes) and the next round: flushes of consecutive rounds overlap."""
+        flushed = self.method != "off"
+        written: list[tuple[_Job, _Flushable]] = []
+        for job in (job for job in batch if job.durable and flushed):
             try:
-                done.append((job, job.work()))
+                written.append((job, job.work()))
             except Exception as error:  # handed to the waiting caller, never lost
-                errors[number] = error
-        try:
-            durable = [flushable for job, flushable in done if job.durable]
-            if durable and self.method == "syncfs":
-                _syncfs(self.root)
-            elif durable and self.method == "fsync":
-                # In parallel: the block layer merges the disk flushes of calls that overlap.
-                descriptors = [fd for flushable in durable for fd in flushable.files]
-                list(self._flushers.map(os.fdatasync, descriptors))  # fdatasync: a new file's size is data
-                list(self._flushers.map(_fsync_dir, {d for flushable in durable for d in flushable.directories}))
-        except Exception as error:
-            for number, job in enumerate(batch):
-                if job.durable:
-                    errors.setdefault(number, error)
-        finally:
-            for _, flushable in done:
-                for descriptor in flushable.files:
-                    with contextlib.suppress(OSError):
-                        os.close(descriptor)
-        for number, job in enumerate(batch):
-            error = errors.get(number)
-            if error is not None and job.undo is not None:
-                with contextlib.suppress(OSError):
-                    job.undo()
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
-                job.loop.call_soon_threadsafe(_settle, job.future, error)
+                _finish(job, None, error)
+        if written:
+            self._flush(written)
+        for job in (job for job in batch if not (job.durable and flushed)):
+            try:
+                _finish(job, job.work(), None)
+            except Exception as error:
+                _finish(job, None, error)
+
+    def _flush(self, written: list[tuple[_Job, _Flushable]]) -> None:
+        """Every file and directory of the round at once (the block layer merges the disk flushes of calls that
+        overlap; one after the other, each file would cost a flush of its own); the jobs are finished when the
+        last call returns."""
+        if self.method == "syncfs":
+            calls = [functools.partial(_syncfs, self.root)]
+        else:
+            calls = [functools.partial(os.fdatasync, fd) for _, flushable in written for fd in flushable.files]
+            calls += [functools.partial(_fsync_dir, d) for d in {d for _, f in written for d in f.directories}]
+        outcome = _RoundFlush(written, len(calls))
+        for call in calls:
+            self._flushers.submit(call).add_done_callback(outcome.one_done)
 
     def close(self) -> None:
         with self._lock:
@@ -280,7 +278,40 @@ class _IOThread:
             self._lock.notify()
         if self._thread is not None:
             self._thread.join(10)
-        self._flushers.shutdown(wait=False)
+        self._flushers.shutdown(wait=True)  # the last rounds' flushes: their callers are waiting for them
+
+
+class _RoundFlush:
+    """Counts down the flush calls of one round; the last to return finishes the round's jobs (with the first
+    error, if any: a round is durable as a whole or not at all)."""
+
+    def __init__(self, written: list[tuple[_Job, _Flushable]], calls: int) -> None:
+        self.written = written
+        self.remaining = calls
+        self.error: BaseException | None = None
+        self._lock = threading.Lock()
+
+    def one_done(self, call: concurrent.futures.Future[None]) -> None:
+        with self._lock:
+            self.remaining -= 1
+            if self.error is None:
+                self.error = call.exception()
+            if self.remaining:
+                return
+        for job, flushable in self.written:
+            _finish(job, flushable, self.error)
+
+
+def _finish(job: _Job, flushable: _Flushable | None, error: BaseException | None) -> None:
+    """Close the job's files, undo its work if it failed, and wake its caller."""
+    for descriptor in flushable.files if flushable is not None else ():
+        with contextlib.suppress(OSError):
+            os.close(descriptor)
+    if error is not None and job.undo is not None:
+        with contextlib.suppress(OSError):
+            job.undo()
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
+        job.loop.call_soon_threadsafe(_settle, job.future, error)
 
 
 def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
