@@ -22,18 +22,28 @@ from lmtp_gateway.rules import MAILBOX_TYPES, Verdict, route
 CONFIG_HELP = f"Gateway YAML or GitLab's gitlab.yml (default: ${ENV_CONFIG}, else the embedded default)."
 
 
-def _load(config_path: str | None) -> Config:
+def _load(config_path: str | None, spool: str | None = None) -> Config:
     try:
         config = load_config(config_path)
     except ConfigError as error:
         raise click.ClickException(str(error)) from None
     for warning in config.warnings:
         click.echo(f"warning: {warning}", err=True)
+    if spool:
+        from dataclasses import replace
+
+        config = replace(config, spool=replace(config.spool, path=Path(spool)))
     return config
 
 
 config_option = click.option(
     "--config", "config_path", metavar="FILE", envvar=ENV_CONFIG, help=CONFIG_HELP, show_envvar=False
+)
+spool_option = click.option(
+    "--spool",
+    metavar="DIR",
+    type=click.Path(file_okay=False),
+    help="The journal's directory (overrides spool.path; e.g. the collector's /var/lib/lmtp-gateway-collect).",
 )
 
 
@@ -105,7 +115,7 @@ def render_verdict(verdict: Verdict, config: Config) -> str:
 @main.command()
 @config_option
 @click.option("--listen", multiple=True, metavar="ADDR", help="Override lmtp.listen: HOST:PORT or unix:PATH.")
-@click.option("--spool", metavar="DIR", type=click.Path(file_okay=False), help="Override spool.path.")
+@spool_option
 @click.option(
     "--monitoring-listen",
     metavar="HOST:PORT",
@@ -139,11 +149,9 @@ def serve(
     from lmtp_gateway.service import Gateway
 
     setup_logging(log_level, log_json)
-    config = _load(config_path)
+    config = _load(config_path, spool)
     if listen:
         config = replace(config, lmtp=replace(config.lmtp, listen=listen))
-    if spool:
-        config = replace(config, spool=replace(config.spool, path=Path(spool)))
     try:
         if monitoring_listen is not None:
             listen_on = monitoring_listen_option(monitoring_listen, "--monitoring-listen")
@@ -172,7 +180,7 @@ def serve(
 @config_option
 @click.option("--mailbox", type=click.Choice(MAILBOX_TYPES), help="Collect from this mailbox only.")
 @click.option("--once", is_flag=True, help="Drain the mailboxes, deliver what is pending in the journal, exit.")
-@click.option("--spool", metavar="DIR", type=click.Path(file_okay=False), help="Override spool.path.")
+@spool_option
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--log-json/--log-text", default=None, help="Log format (default: JSON unless on a terminal).")
 def collect(
@@ -194,14 +202,10 @@ def collect(
       lmtp-gateway collect --config /etc/gitlab/gitlab.yml
       lmtp-gateway collect --config gateway.yml --mailbox service_desk_email --once
     """
-    from dataclasses import replace
-
     from lmtp_gateway.service import Gateway
 
     setup_logging(log_level, log_json)
-    config = _load(config_path)
-    if spool:
-        config = replace(config, spool=replace(config.spool, path=Path(spool)))
+    config = _load(config_path, spool)
     try:
         gateway = Gateway(config, listen=False, collect=True, only_mailbox=mailbox)
     except ConfigError as error:
@@ -321,6 +325,7 @@ def _selection(ids: tuple[str, ...], states: tuple[str, ...], mailbox: str | Non
 
 @main.command()
 @config_option
+@spool_option
 @_selection_options
 @click.option("--rcpt", metavar="ADDR", help="Envelope recipient for FILES (as if Postfix had passed it).")
 @click.option("--from", "mail_from", metavar="ADDR", help="Envelope sender for FILES.")
@@ -328,6 +333,7 @@ def _selection(ids: tuple[str, ...], states: tuple[str, ...], mailbox: str | Non
 @click.argument("files", nargs=-1, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 def replay(
     config_path: str | None,
+    spool: str | None,
     ids: tuple[str, ...],
     states: tuple[str, ...],
     mailbox: str | None,
@@ -354,7 +360,7 @@ def replay(
     from lmtp_gateway import replay as replaying
 
     setup_logging("warning")
-    config = _load(config_path)
+    config = _load(config_path, spool)
     selection = _selection(ids, states, mailbox, since, until)
     selecting = bool(ids or states or mailbox or since is not None or until is not None)
     if not selecting and not files:
@@ -486,11 +492,13 @@ def spool() -> None:
 
 @spool.command("list")
 @config_option
+@spool_option
 @_selection_options
 @click.option("--limit", default=50, show_default=True, help="Newest N entries (0: all).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def spool_list(
     config_path: str | None,
+    spool: str | None,
     ids: tuple[str, ...],
     states: tuple[str, ...],
     mailbox: str | None,
@@ -507,7 +515,7 @@ def spool_list(
     """
     from lmtp_gateway.replay import select
 
-    config = _load(config_path)
+    config = _load(config_path, spool)
     entries = select(_journal(config), _selection(ids, states, mailbox, since, until))
     if limit:
         entries = entries[-limit:]
@@ -525,9 +533,10 @@ def spool_list(
 
 @spool.command("show")
 @config_option
+@spool_option
 @click.option("--message", "with_message", is_flag=True, help="Also print the stored message.")
 @click.argument("entry_id")
-def spool_show(config_path: str | None, with_message: bool, entry_id: str) -> None:
+def spool_show(config_path: str | None, spool: str | None, with_message: bool, entry_id: str) -> None:
     """Show one entry's metadata (and, with --message, the message as GitLab gets it).
 
     \b
@@ -536,7 +545,7 @@ def spool_show(config_path: str | None, with_message: bool, entry_id: str) -> No
     """
     from lmtp_gateway.replay import Selection, select
 
-    journal = _journal(_load(config_path))
+    journal = _journal(_load(config_path, spool))
     found = select(journal, Selection(ids=(entry_id,)))
     if len(found) != 1:
         raise click.ClickException(f"{entry_id}: {'no entry' if not found else f'{len(found)} entries'} with this id")
@@ -549,15 +558,16 @@ def spool_show(config_path: str | None, with_message: bool, entry_id: str) -> No
 
 @spool.command("stats")
 @config_option
+@spool_option
 @click.option("--json", "as_json", is_flag=True)
-def spool_stats(config_path: str | None, as_json: bool) -> None:
+def spool_stats(config_path: str | None, spool: str | None, as_json: bool) -> None:
     """Count entries per state, and how old the oldest pending one is.
 
     \b
     Example:
       lmtp-gateway spool stats --json
     """
-    journal = _journal(_load(config_path))
+    journal = _journal(_load(config_path, spool))
     counts = {state.value: 0 for state in State}
     oldest: float | None = None
     for entry in journal.entries():

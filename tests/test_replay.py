@@ -111,3 +111,21 @@ async def test_spool_list_show_stats(tmp_path: Path) -> None:
     assert stats["oldest_pending_seconds"] >= 60
     missing = cli("spool", "show", "--config", config, "nope")
     assert missing.returncode == 1 and "no entry" in missing.stderr
+
+
+async def test_spool_and_replay_take_another_journal_with_spool(tmp_path: Path) -> None:
+    """The collector keeps its own journal (its systemd unit: /var/lib/lmtp-gateway-collect); an admin looks
+    into it and replays from it with --spool, whatever spool.path the configuration names."""
+    config = config_file(tmp_path)
+    other = tmp_path / "collect-journal"
+    (entry,) = await seed(other, State.FAILED, 1)
+    stats = json.loads(cli("spool", "stats", "--config", config, "--spool", str(other), "--json").stdout)
+    assert (stats["journal"], stats["failed"]) == (str(other), 1)
+    listing = cli("spool", "list", "--config", config, "--spool", str(other))
+    assert listing.stdout.startswith(entry.id)
+    shown = cli("spool", "show", "--config", config, "--spool", str(other), entry.id)
+    assert shown.returncode == 0 and f"message: {other / 'failed'}" in shown.stdout
+    done = cli("replay", "--config", config, "--spool", str(other), "--state", "failed")
+    assert done.returncode == 0, done.stderr
+    assert (other / "delivered" / f"{entry.id}.json").exists()
+    assert not (tmp_path / "spool" / "delivered").exists() or not any((tmp_path / "spool" / "delivered").iterdir())
