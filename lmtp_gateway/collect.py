@@ -18,8 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from lmtp_gateway.collectors import Ref, Source, SourceError
 from lmtp_gateway.collectors.arbiter import Arbiter, Claim, RedisArbiter, SoleCollector, owner_id
 from lmtp_gateway.collectors.graph import ClientCredentials, GraphSettings, GraphSource
@@ -286,7 +284,7 @@ def build_source(config: Config, mailbox: MailboxConfig, state_dir: Path) -> Sou
         except ValueError as error:
             raise ConfigError(f"{error} (XOAUTH2 for IMAP)") from None
         token = ClientCredentials(
-            httpx.AsyncClient(timeout=30.0),
+            None,
             graph.azure_ad_endpoint,
             graph.tenant_id,
             graph.client_id,

@@ -63,9 +63,11 @@ class GraphSettings:
 
 
 class ClientCredentials:
-    """An OAuth 2.0 client-credentials token from Microsoft identity platform, renewed before it expires."""
+    """An OAuth 2.0 client-credentials token from Microsoft identity platform, renewed before it expires.
 
-    def __init__(self, http: httpx.AsyncClient, endpoint: str, tenant_id: str, client_id: str, secret: str,
+    Without an `http` client of the caller's (IMAP's XOAUTH2), each renewal, hourly, opens and closes its own."""
+
+    def __init__(self, http: httpx.AsyncClient | None, endpoint: str, tenant_id: str, client_id: str, secret: str,
                  scope: str) -> None:  # fmt: skip
         self.http = http
         self.url = f"{endpoint.rstrip('/')}/{quote(tenant_id)}/oauth2/v2.0/token"
@@ -87,7 +89,11 @@ class ClientCredentials:
 
     async def _fetch(self) -> None:
         try:
-            response = await self.http.post(self.url, data=self.form)
+            if self.http is not None:
+                response = await self.http.post(self.url, data=self.form)
+            else:
+                async with httpx.AsyncClient(timeout=30.0) as http:
+                    response = await http.post(self.url, data=self.form)
         except httpx.HTTPError as error:
             raise SourceError(f"token endpoint {self.url}: {error}") from None
         if response.status_code != 200:
