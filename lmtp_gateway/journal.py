@@ -329,6 +329,7 @@ class Journal:
         self.sync = sync
         self.tmp = root / "tmp"
         self.quarantine = root / "quarantine"
+        self._state_dirs = {state: root / state.value for state in State}  # asked for several times per message
         self._io = _IOThread(root, sync)
         # id -> state of every entry, kept by the journal's owner (serve) from open() on: dedupe look-ups then
         # cost no system call. Other processes (replay, spool) go to the files.
@@ -338,7 +339,7 @@ class Journal:
     # --- layout ---
 
     def state_dir(self, state: State) -> Path:
-        return self.root / state.value
+        return self._state_dirs[state]
 
     def eml_path(self, entry: Entry) -> Path:
         return self.state_dir(entry.state) / f"{entry.id}.eml"
