@@ -102,6 +102,10 @@ class Dispatcher:
         entry.extra.setdefault("submitted_at", self.clock())
         self._ready.put_nowait((entry, raw))
 
+    def knows(self, entry_id: str) -> bool:
+        """Is the entry handed in and not finished (queued, being delivered or waiting for a retry)?"""
+        return entry_id in self._known
+
     def _schedule(self, entry: Entry, due: float) -> None:
         heapq.heappush(self._retry, (due, next(self._sequence), entry))
         self._retry_changed.set()

@@ -432,14 +432,8 @@ class Journal:
         else:
             states = tuple(State)
         for state in states:
-            path = self.state_dir(state) / f"{entry_id}.json"
-            try:
-                return self._load(path, state)
-            except FileNotFoundError:
-                continue
-            except (OSError, ValueError, TypeError) as error:
-                log.error("journal: unreadable metadata %s: %s", path, error)
-                continue
+            for entry in self.load_all(state, [entry_id]):
+                return entry
         return None
 
     async def commit(self, drafts: list[Draft]) -> None:
@@ -547,15 +541,31 @@ class Journal:
 
     def entries(self, *states: State) -> Iterator[Entry]:
         for state in states or tuple(State):
-            if not self.state_dir(state).is_dir():
+            yield from self.load_all(state, self.ids(state))
+
+    def ids(self, state: State) -> list[str]:
+        """The ids of the entries in `state`, from the directory listing alone."""
+        try:
+            names = os.listdir(self.state_dir(state))
+        except FileNotFoundError:
+            return []
+        return [name[: -len(".json")] for name in names if name.endswith(".json")]
+
+    def load_all(self, state: State, entry_ids: list[str]) -> list[Entry]:
+        """Those of `entry_ids` still in `state` (any may have moved on meanwhile). The owner's index learns
+        those another process (replay) made."""
+        found = []
+        for entry_id in entry_ids:
+            path = self.state_dir(state) / f"{entry_id}.json"
+            try:
+                found.append(self._load(path, state))
+                if self._index is not None:
+                    self._index.setdefault(entry_id, state)  # never over what the event loop set meanwhile
+            except FileNotFoundError:
                 continue
-            for path in self.state_dir(state).glob("*.json"):
-                try:
-                    yield self._load(path, state)
-                except FileNotFoundError:
-                    continue  # moved while we looked
-                except (OSError, ValueError, TypeError) as error:
-                    log.error("journal: unreadable metadata %s: %s", path, error)
+            except (OSError, ValueError, TypeError) as error:
+                log.error("journal: unreadable metadata %s: %s", path, error)
+        return found
 
     @staticmethod
     def _load(path: Path, state: State) -> Entry:

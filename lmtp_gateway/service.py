@@ -201,7 +201,11 @@ class Gateway:
             await asyncio.sleep(RETENTION_SWEEP_SECONDS)
 
     async def _rescan_pending(self) -> None:
+        """Only names are listed, and only entries the dispatcher does not know are read: with Redis down for
+        hours, the pending entries run into the hundreds of thousands, and the dispatcher knows them all."""
         while True:
             await asyncio.sleep(RESCAN_SECONDS)
-            for entry in await asyncio.to_thread(lambda: list(self.journal.entries(State.PENDING))):
-                self.dispatcher.submit(entry)  # entries it already knows are ignored
+            names = await asyncio.to_thread(self.journal.ids, State.PENDING)
+            unknown = [entry_id for entry_id in names if not self.dispatcher.knows(entry_id)]
+            for entry in await asyncio.to_thread(self.journal.load_all, State.PENDING, unknown):
+                self.dispatcher.submit(entry)

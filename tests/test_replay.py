@@ -8,10 +8,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
+from lmtp_gateway import service
 from lmtp_gateway.journal import Draft, Entry, Journal, State
-from tests.conftest import REPLY_RCPT, gateway_yaml, lmtp_gateway_command, numbered_message
+from tests.conftest import (
+    REPLY_RCPT,
+    StartGateway,
+    eventually,
+    gateway_yaml,
+    lmtp_gateway_command,
+    make_config,
+    numbered_message,
+)
+from tests.servers import free_port
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -129,3 +140,36 @@ async def test_spool_and_replay_take_another_journal_with_spool(tmp_path: Path) 
     assert done.returncode == 0, done.stderr
     assert (other / "delivered" / f"{entry.id}.json").exists()
     assert not (tmp_path / "spool" / "delivered").exists() or not any((tmp_path / "spool" / "delivered").iterdir())
+
+
+async def test_serve_takes_over_what_another_process_left_pending(
+    start_gateway: StartGateway, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replay that could not deliver leaves its entries pending; the running gateway finds them by listing
+    pending/, and reads each once: while it keeps retrying one (Redis is down here), later rescans skip it."""
+    monkeypatch.setattr(service, "RESCAN_SECONDS", 0.05)
+    dead_redis = {
+        "incoming_email": {"delivery_method": "sidekiq"},
+        "redis": {"url": f"redis://127.0.0.1:{free_port()}"},
+    }
+    running = await start_gateway(make_config(tmp_path / "spool", **dead_redis))
+    journal = running.gateway.journal
+    listings: list[State] = []
+    read: list[str] = []
+    list_ids, load_all = journal.ids, journal.load_all
+    monkeypatch.setattr(journal, "ids", lambda state: listings.append(state) or list_ids(state))
+    monkeypatch.setattr(journal, "load_all", lambda state, ids: read.extend(ids) or load_all(state, ids))
+    other = Journal(tmp_path / "spool")  # as replay opens it: not the owner
+    entry = Entry(
+        id="f" * 24, fingerprint="f" * 64, state=State.PENDING, received_at=time.time(), ingress="replay",
+        mail_from="a@b", rcpt=REPLY_RCPT, mailbox="incoming_email", key="k", handler="create_note",
+        source="envelope", reason="", size=10,
+    )  # fmt: skip
+    await other.commit([Draft(entry, b"", numbered_message(1))])
+    other.close()
+    dispatcher = running.gateway.dispatcher
+    await eventually(lambda: dispatcher.stats.transient >= 1, what="a first attempt (Redis is down)")
+    rescans = len(listings)
+    await eventually(lambda: len(listings) >= rescans + 3, what="three more rescans")
+    assert read == [entry.id]
+    assert dispatcher.knows(entry.id) and journal.find(entry.id).state is State.PENDING
