@@ -151,6 +151,7 @@ class SourceRun:
     seconds: float
     exit_code: int | None  # None: killed after the time limit
     stderr: str
+    machine_busy_cores: float | None = None  # every process and the kernel, during the run
 
     @property
     def ok(self) -> bool:
@@ -215,7 +216,7 @@ def run_smtp_source(
         rcpt,
         f"127.0.0.1:{port}",
     ]
-    started = time.perf_counter()
+    started, busy_before = time.perf_counter(), machine_busy_seconds()
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -225,8 +226,17 @@ def run_smtp_source(
         out, err = proc.communicate()
         exit_code = None
     seconds = time.perf_counter() - started
+    busy = machine_busy_seconds() - busy_before
     text = (out + err).decode(errors="replace").strip()
-    return SourceRun(seconds, exit_code, text)
+    return SourceRun(seconds, exit_code, text, busy / seconds)
+
+
+def machine_busy_seconds() -> float:
+    """CPU time the whole machine has spent busy since boot (all CPUs, from /proc/stat): whether a server is
+    held back by the machine or by itself shows in how many cores were busy while it ran."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(value) for value in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def percentiles_ms(values: list[float]) -> dict[str, float | None]:
@@ -460,6 +470,7 @@ def bench_gateway(
 def record_source(result: ServerResult, run: SourceRun, messages: int) -> None:
     """Throughput from the smtp-source run, and its failure (exit code, output) if any."""
     result.seconds = run.seconds
+    result.extra["machine_busy_cores"] = run.machine_busy_cores
     if run.ok:
         result.msgs_per_s = messages / run.seconds
     elif run.exit_code is None:
@@ -753,11 +764,17 @@ def run(args: argparse.Namespace, scratch: str) -> int:
         busy = median([r["extra"].get("cpu_utilization") for r in gw_runs])
         loop = median([r["extra"].get("cpu_main_thread_utilization") for r in gw_runs])
         after = median([(r["extra"].get("after_250_ms") or {}).get("p50") for r in gw_runs])
+        machine_busy = {
+            server: median([r["extra"].get("machine_busy_cores") for r in row["runs"] if r["server"] == server])
+            for server in ("lmtp-gateway", "dovecot")
+        }
         print(
             f"  sessions={row['sessions']}: msg/s per run {rates}; after the 250 to Redis p50 {fmt(after, '.2f')} ms; "
             f"gateway latency max "
             f"{fmt(row['gateway']['latency_ms']['max'], '.1f')} ms, Redis drain after the last 250 <= {drain:.2f} s, "
-            f"CPU {fmt(cpu, '.2f')} ms/msg, {fmt(busy, '.2f')} cores busy (event-loop thread {fmt(loop, '.2f')})"
+            f"CPU {fmt(cpu, '.2f')} ms/msg, {fmt(busy, '.2f')} cores busy (event-loop thread {fmt(loop, '.2f')}); "
+            f"the whole machine kept {fmt(machine_busy['lmtp-gateway'], '.2f')} of {os.cpu_count()} cores busy "
+            f"under the gateway, {fmt(machine_busy['dovecot'], '.2f')} under Dovecot"
         )
     print(
         f"  load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs); "
