@@ -26,17 +26,11 @@ Run as root (Postfix), from the repository root::
 
 from __future__ import annotations
 
-import os
-
-# File creation under /tmp is pathologically slow on the benchmark machine (about 1 ms per file) while /var/tmp
-# is fast: every temporary directory (the servers' via tempfile.mkdtemp, the gateway's spool) must live there,
-# so this is set before anything imports tempfile.
-os.environ["TMPDIR"] = "/var/tmp"
-
 import argparse
 import contextlib
 import hashlib
 import json
+import os
 import platform
 import re
 import resource
@@ -54,6 +48,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+
+from scratch import CHOICES, scratch_dir  # noqa: E402  (beside this file)
+from scratch import HELP as SCRATCH_HELP  # noqa: E402
 
 from tests.servers import (  # noqa: E402
     free_port,
@@ -760,7 +757,7 @@ def print_table(legs: list[Leg], ratio: float | None) -> None:
 
 def run_round(order: list[str], args: argparse.Namespace, smtp_source_bin: str) -> list[Leg]:
     """Both legs one after the other, each on fresh servers; the work directory goes unless ``--keep``."""
-    workroot = Path(tempfile.mkdtemp(prefix="postfix-bench-", dir="/var/tmp"))
+    workroot = Path(tempfile.mkdtemp(prefix="postfix-bench-"))
     legs: list[Leg] = []
     try:
         for name in order:
@@ -789,6 +786,7 @@ def main(argv: list[str] | None = None) -> int:
                         "shared the machine (default 2)")  # fmt: skip
     parser.add_argument("--output", type=Path, default=DEFAULT_RESULTS, help="results JSON")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (maillogs, gateway log)")
+    parser.add_argument("--scratch", choices=CHOICES, default="auto", help=SCRATCH_HELP)
     args = parser.parse_args(argv)
     if args.messages < 1 or args.sessions < 1 or args.size < 1:
         parser.error("--messages, --sessions and --size must be positive")
@@ -804,6 +802,12 @@ def main(argv: list[str] | None = None) -> int:
     smtp_source_bin = require_binary("smtp-source", "postfix")
     require_binary("openssl", "openssl")
 
+    with scratch_dir(args.scratch) as (_, scratch):
+        print(f"spools, queues and Maildirs on: {scratch}", file=sys.stderr)
+        return measure(args, order, smtp_source_bin, scratch)
+
+
+def measure(args: argparse.Namespace, order: list[str], smtp_source_bin: str, scratch: str) -> int:
     attempts = 0
     while True:
         attempts += 1
@@ -824,7 +828,12 @@ def main(argv: list[str] | None = None) -> int:
     results = {
         "benchmark": "postfix end to end: smtp-source -> Postfix (SMTP) -> LMTP next hop -> delivered",
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "tmpdir": tempfile.gettempdir()},
+        "host": {
+            "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+            "tmpdir": tempfile.gettempdir(),
+            "scratch": scratch,
+        },
         "versions": versions(),
         "gateway_code": {"commit": git_head(), "digest": code_digest()},
         "parameters": {
