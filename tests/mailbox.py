@@ -58,5 +58,10 @@ class Inspector:
             item[1].decode().split(":", 1)[1].strip() for item in fetched if isinstance(item, tuple) and item[1].strip()
         }
 
+    def uidvalidity(self) -> int:
+        status, data = self.imap.status("INBOX", "(UIDVALIDITY)")
+        assert status == "OK"
+        return int(re.search(rb"UIDVALIDITY (\d+)", data[0])[1])
+
     def mark_unseen(self, uids: Iterable[int]) -> None:
         self.imap.uid("STORE", ",".join(map(str, uids)), "-FLAGS.SILENT", r"(\Seen)")

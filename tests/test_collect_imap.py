@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 import yaml
 
+from lmtp_gateway.collectors import arbiter
+from lmtp_gateway.collectors.imap import ImapSettings
 from lmtp_gateway.config import Config, ConfigError
 from lmtp_gateway.journal import Journal, State
 from lmtp_gateway.service import Gateway
@@ -493,3 +495,26 @@ async def test_a_server_restart_while_idle_is_survived(
     deliver_numbered(dovecot, [3])
     await eventually(lambda: jobs(redis), timeout=20, what="the job after the restart")
     assert subjects(redis) == Counter([3])
+
+
+async def test_a_message_left_to_another_collector_is_not_passed_over(
+    dovecot: DovecotServer, redis: Any, tmp_path: Path
+) -> None:
+    """Someone read message 1 in webmail before it was collected, and another collector held its claim when this
+    one took message 2. That collector died: message 1 must still be collected, although it is read and below
+    a UID this collector has settled."""
+    config = collect_config(tmp_path / "spool", dovecot, redis, delete_after_delivery=False)
+    await Gateway(config, listen=False, collect=True).collect_once()  # from now on, read mail is collected too
+    deliver_numbered(dovecot, [0, 1])
+    with Inspector(dovecot) as mailbox:
+        first, _ = sorted(mailbox.flags())
+        mailbox.imap.uid("STORE", str(first), "+FLAGS.SILENT", r"(\Seen)")
+        uidvalidity = mailbox.uidvalidity()
+    identity = ImapSettings.from_config(imap_settings(dovecot), "test").identity
+    held = f"{arbiter.PREFIX}{identity}:{uidvalidity}:{first}"  # the claim the other collector holds
+    redis.command("SET", held, "another-collector", "PX", "600000")
+    report = await Gateway(config, listen=False, collect=True).collect_once()
+    assert report.collected == {"incoming_email": 1} and subjects(redis) == Counter([1])
+    redis.command("DEL", held)  # its lease is over
+    report = await Gateway(config, listen=False, collect=True).collect_once()
+    assert report.collected == {"incoming_email": 1} and subjects(redis) == Counter([0, 1])

@@ -225,6 +225,7 @@ class ImapSource:
         self._client: _Client | None = None
         self._lost = asyncio.Event()
         self._uidvalidity = 0
+        self._unsettled: set[int] = set()  # listed by the last `pending` above last_uid, not settled since
 
     # --- connection ---
 
@@ -324,6 +325,7 @@ class ImapSource:
         unseen = await self._search(client, "UNDELETED", "UNSEEN")
         newer = {uid for uid in await self._search(client, "UNDELETED", f"UID {after}:*") if uid >= after}
         uids = [uid for uid in sorted(unseen | newer) if self._key(uid) not in skip][:limit]
+        self._unsettled = {uid for uid in uids if uid >= after}
         if not uids:
             return []
         sizes = await client.uid("fetch", _uid_set(uids), "(UID RFC822.SIZE)")
@@ -369,8 +371,12 @@ class ImapSource:
                 response = await client.expunge()
             if response.result != "OK":
                 log.warning("%s: EXPUNGE failed: %s", self.name, _text(response))
-        if max(uids) > self.state.last_uid:
-            self.state.last_uid = max(uids)
+        # last_uid means "everything up to here is settled": it must not pass a listed message that was left
+        # (another collector held it, its commit failed), or a read copy of it would never be listed again.
+        self._unsettled.difference_update(uids)
+        settled_to = min([max(uids), *(uid - 1 for uid in self._unsettled)])
+        if settled_to > self.state.last_uid:
+            self.state.last_uid = settled_to
             await asyncio.to_thread(self.state.save)
 
     async def wait(self, timeout: float) -> None:
