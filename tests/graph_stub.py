@@ -9,8 +9,8 @@ It implements the documented contract the collector relies on:
   ``$top``: a page of ``value`` and an ``@odata.nextLink`` (with ``$skip``) while more remain;
 - ``GET …/messages/<id>/$value``: the MIME message; ``PATCH …/messages/<id>`` with ``{"isRead": true}``;
   ``DELETE …/messages/<id>`` (204); 404 ``ErrorItemNotFound`` for an unknown id;
-- 401 ``InvalidAuthenticationToken`` for a missing, unknown or expired token; 429 with ``Retry-After`` when told
-  to throttle.
+- 401 ``InvalidAuthenticationToken`` for a missing, unknown or expired token; 429 (or 503) with ``Retry-After``
+  when told to throttle.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ class GraphStub(LocalHttpStub):
     tokens: dict[str, float] = field(default_factory=dict)  # token -> expiry (monotonic)
     token_requests: int = 0
     unauthorized: int = 0  # 401 answers to Graph requests
-    throttle: list[int] = field(default_factory=list)  # Retry-After seconds for the next requests (429)
+    throttle: list[int] = field(default_factory=list)  # Retry-After seconds for the next requests
+    throttle_status: int = 429  # or 503, which Graph also sends with Retry-After
     requests: list[tuple[float, str, str]] = field(default_factory=list)  # (time, method, path)
     in_flight: int = 0
     max_in_flight: int = 0
@@ -149,6 +150,9 @@ class GraphStub(LocalHttpStub):
             with self.lock:
                 self.unauthorized += 1
             return 401, {"error": {"code": "InvalidAuthenticationToken", "message": "Access token has expired."}}
+        if throttled is not None and self.throttle_status == 503:
+            error = {"error": {"code": "ServiceUnavailable", "message": "The service is temporarily unavailable."}}
+            return 503, error, {"Retry-After": str(throttled)}
         if throttled is not None:
             message = "Application is over its MailboxConcurrency limit."
             error = {"error": {"code": "ApplicationThrottled", "message": message}}

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from lmtp_gateway.collectors import graph as graph_collector
 from lmtp_gateway.config import Config
 from lmtp_gateway.journal import Journal, State
 from lmtp_gateway.service import Gateway
@@ -89,10 +90,11 @@ async def test_at_most_four_requests_at_once(graph: GraphStub, redis: Any, tmp_p
     assert 1 < graph.max_in_flight <= 4
 
 
-async def test_retry_after_is_honoured_on_429(graph: GraphStub, redis: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("status", [429, 503])
+async def test_retry_after_is_honoured(status: int, graph: GraphStub, redis: Any, tmp_path: Path) -> None:
     for number in range(3):
         graph.add(numbered_message(number))
-    graph.throttle = [1, 1]
+    graph.throttle, graph.throttle_status = [1, 1], status
     report = await collect_once(graph_config(tmp_path / "spool", graph, redis))
     assert report.errors == {} and report.collected == {"incoming_email": 3}
     graph_calls = [t for t, _, path in graph.requests if path.startswith("/graph/")]
@@ -125,6 +127,22 @@ async def test_a_short_lived_token_is_renewed_before_it_expires(
     await eventually(lambda: graph.token_requests >= 3, timeout=10, what="renewals while polling")
     assert graph.unauthorized == 0
     assert subjects(redis) == Counter(range(3))
+
+
+async def test_poll_interval_is_the_graph_collectors_clock(
+    graph: GraphStub, redis: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Five minutes between looks, as configured, although IMAP's idle_timeout (60 s by default) is shorter."""
+    config = graph_config(tmp_path / "spool", graph, redis, inbox_options={"poll_interval": 300})
+    (collector,) = Gateway(config, listen=False, collect=True).collectors
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    monkeypatch.setattr(graph_collector.asyncio, "sleep", sleep)
+    await collector.source.wait(collector.wait_seconds)
+    assert slept == [300]
 
 
 async def test_a_wrong_client_secret_is_reported_without_the_secret(

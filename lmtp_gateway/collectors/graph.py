@@ -192,7 +192,9 @@ class GraphSource:
         await asyncio.gather(*(one(ref) for ref in refs))
 
     async def wait(self, timeout: float) -> None:
-        await asyncio.sleep(min(timeout, self.settings.poll_interval))
+        """Graph has no push here: the next look is `poll_interval` away, whatever the caller's timeout (which
+        is IMAP's idle_timeout, 60 s by default, and would cap a longer interval the admin chose)."""
+        await asyncio.sleep(self.settings.poll_interval)
 
 
 def _retry_after(response: httpx.Response, attempt: int) -> float:
