@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
 import re
+import signal
 import time
 from collections import Counter
 from pathlib import Path
@@ -113,6 +115,40 @@ async def test_redis_down_under_load_loses_and_doubles_nothing(
     redis.start()
     await eventually(lambda: len(jobs(redis)) == 100, timeout=30, what="all 100 jobs after Redis returns")
     await eventually(lambda: gateway.gateway.dispatcher.backlog == 0, what="empty backlog")
+    subjects = Counter(re.search(r"Subject: message (\d+)", job["args"][0])[1] for job in jobs(redis))
+    assert len(subjects) == 100 and set(subjects.values()) == {1}
+
+
+async def test_redis_stalling_mid_load_loses_and_doubles_nothing(
+    start_gateway: StartGateway, redis: Any, tmp_path: Path
+) -> None:
+    """Redis freezes (SIGSTOP: a fork on a swapping host, a stuck disk) while jobs are being pushed. The pushes
+    in flight time out, yet Redis runs them when it wakes: the retries must find them done, not push again."""
+    gateway = await start_gateway(sidekiq_config(tmp_path / "spool", redis), backoff_base=0.05)
+    stalled = asyncio.Event()
+
+    async def session(number: int) -> int:
+        client = await gateway.client()
+        accepted = 0
+        for index in range(25):
+            if index == 10:
+                await stalled.wait()  # the rest arrive while Redis is frozen
+            done = await client.send("a@example.org", [REPLY_RCPT], numbered_message(number * 1000 + index))
+            accepted += done.results[0].startswith("250 2.0.0")
+        await client.quit()
+        return accepted
+
+    sessions = asyncio.gather(*(session(n) for n in range(4)))
+    await eventually(lambda: redis.command("LLEN", "queue:default") >= 20, what="the first jobs")
+    os.kill(redis.pid, signal.SIGSTOP)
+    try:
+        stalled.set()
+        assert sum(await sessions) == 100  # the journal answers while Redis cannot
+        dispatcher = gateway.gateway.dispatcher
+        await eventually(lambda: dispatcher.stats.transient >= 1, timeout=30, what="pushes timing out")
+    finally:
+        os.kill(redis.pid, signal.SIGCONT)
+    await eventually(lambda: dispatcher.backlog == 0, timeout=60, what="everything delivered after Redis wakes")
     subjects = Counter(re.search(r"Subject: message (\d+)", job["args"][0])[1] for job in jobs(redis))
     assert len(subjects) == 100 and set(subjects.values()) == {1}
 
