@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import signal
@@ -135,6 +136,31 @@ async def test_redis_down_leaves_mail_unread_on_the_server_then_delivers_it_once
     assert subjects(redis) == Counter(range(40))
     with Inspector(dovecot) as mailbox:  # marked once the journal had them (delivery may come first)
         await eventually(lambda: not mailbox.unseen_subjects(), what="all marked read")
+
+
+async def test_a_full_journal_disk_leaves_mail_unread_then_collects_it_once(
+    dovecot: DovecotServer, redis: Any, small_disk: Path
+) -> None:
+    """The fetch must not mark anything read (BODY.PEEK[]): when the commit fails, the mail stays as it was."""
+    config = collect_config(small_disk / "spool", dovecot, redis, delete_after_delivery=False)
+    await Gateway(config, listen=False, collect=True).collect_once()  # the journal and the collector's state exist
+    filler = small_disk / "filler"
+    with open(filler, "wb") as handle, contextlib.suppress(OSError):
+        while True:
+            handle.write(b"\0" * (1 << 20))
+            handle.flush()
+    deliver_numbered(dovecot, range(10))
+    report = await Gateway(config, listen=False, collect=True).collect_once()
+    assert "disk full" in report.errors["incoming_email"]
+    with Inspector(dovecot) as mailbox:
+        assert len(mailbox.unseen_subjects()) == 10 and not any(mailbox.flags().values())
+    assert not jobs(redis)
+    filler.unlink()
+    report = await Gateway(config, listen=False, collect=True).collect_once()
+    assert report.errors == {} and report.collected == {"incoming_email": 10}
+    assert subjects(redis) == Counter(range(10))
+    with Inspector(dovecot) as mailbox:
+        assert not mailbox.unseen_subjects()
 
 
 async def test_sink_failing_keeps_each_message_unread_or_journaled_then_delivers_it_once(
