@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import json
 import stat
 from pathlib import Path
@@ -203,16 +204,24 @@ async def test_client_gone_mid_data_leaves_nothing(start_gateway: StartGateway, 
     assert nothing_committed(spool)
 
 
-async def test_unix_socket_with_mode(start_gateway: StartGateway, tmp_path: Path) -> None:
+async def test_unix_socket_with_mode_and_group_beside_a_tcp_listener(
+    start_gateway: StartGateway, tmp_path: Path
+) -> None:
+    """As Postfix needs it: its group may connect (Postfix's LMTP client has no other group), and several
+    listeners serve at once."""
     socket_path = tmp_path / "run" / "lmtp.sock"
-    config = make_config(tmp_path / "spool", lmtp={"listen": f"unix:{socket_path}", "socket_mode": "0660"})
-    gateway = await start_gateway(config)
-    assert gateway.address == f"unix:{socket_path}"
-    assert stat.S_IMODE(socket_path.stat().st_mode) == 0o660
-    client = await gateway.client()
-    done = await client.send("a@example.org", [REPLY_RCPT], numbered_message(3))
-    assert done.results[0].startswith("250 2.0.0")
-    await client.quit()
+    group = grp.getgrnam("mail")  # a group every Debian system has; tests run as root, so chown may give it
+    lmtp = {"listen": [f"unix:{socket_path}", "127.0.0.1:0"], "socket_mode": "0660", "socket_group": group.gr_name}
+    gateway = await start_gateway(make_config(tmp_path / "spool", lmtp=lmtp))
+    unix_address, tcp_address = gateway.gateway.lmtp.addresses
+    assert unix_address == f"unix:{socket_path}" and tcp_address.startswith("127.0.0.1:")
+    assert stat.S_IMODE(socket_path.stat().st_mode) == 0o660 and socket_path.stat().st_gid == group.gr_gid
+    for number, address in enumerate((unix_address, tcp_address)):
+        client = await LmtpClient.connect(address)
+        await client.lhlo()
+        done = await client.send("a@example.org", [REPLY_RCPT], numbered_message(number))
+        assert done.results[0].startswith("250 2.0.0"), address
+        await client.quit()
     await gateway.stop()
     assert not socket_path.exists()
 
