@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from lmtp_gateway.ingress import DataDecoder
 from lmtp_gateway.journal import Draft, Entry, Journal, JournalError, State, envelope_headers, fingerprint
-from tests.conftest import tmp_leftovers
+from tests.conftest import StartGateway, eventually, make_config, tmp_leftovers
 from tests.lmtp_client import dot_stuff
 
 
@@ -202,3 +202,21 @@ async def test_commits_of_one_round_succeed_or_fail_on_their_own(tmp_path: Path)
     assert sorted(e.id for e in reopened.open()) == [c * 24 for c in "678"]  # whole: nothing set aside
     assert not (tmp_path / "quarantine").exists()
     reopened.close()
+
+
+async def test_serve_removes_expired_entries_by_itself(tmp_path: Path, start_gateway: StartGateway) -> None:
+    """Retention runs in the daemon (at start, then hourly), without anyone calling it."""
+    spool = tmp_path / "spool"
+    journal = Journal(spool)
+    journal.open()
+    old, recent = new_entry("7" * 24, received_at=time.time() - 7200), new_entry("8" * 24)
+    for entry in (old, recent):
+        await commit(journal, entry)
+        await journal.move(entry, State.DELIVERED)
+    old.finished_at = time.time() - 7200  # delivered two hours ago
+    await journal.update(old)
+    journal.close()
+    running = await start_gateway(make_config(spool, spool={"path": str(spool), "retention": "1h"}))
+    await eventually(lambda: not (spool / "delivered" / f"{old.id}.json").exists(), what="the expired entry gone")
+    assert (spool / "delivered" / f"{recent.id}.eml").exists()
+    assert [e.id for e in running.gateway.journal.entries()] == [recent.id]

@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from lmtp_gateway.dispatch import backoff_delay
 from lmtp_gateway.journal import Entry, State
 from lmtp_gateway.sinks import SidekiqSink, redis_client
 from tests.conftest import REPLY_RCPT, StartGateway, eventually, make_config, numbered_message
@@ -239,3 +240,10 @@ async def test_delivery_through_redis_sentinel(start_gateway: StartGateway, redi
         assert jobs(redis)[0]["jid"] == done.results[0].split()[3]
     finally:
         stop_process(sentinel)
+
+
+def test_retries_back_off_exponentially_up_to_the_cap() -> None:
+    delays = [backoff_delay(attempt, base=1.0, cap=300.0, jitter=0.0) for attempt in range(1, 12)]
+    assert delays == [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300]
+    jittered = {round(backoff_delay(3, base=1.0, cap=300.0), 3) for _ in range(50)}
+    assert len(jittered) > 1 and all(3.6 <= delay <= 4.4 for delay in jittered)  # ±10%: retries do not march
