@@ -544,3 +544,26 @@ async def test_a_message_left_to_another_collector_is_not_passed_over(
     redis.command("DEL", held)  # its lease is over
     report = await Gateway(config, listen=False, collect=True).collect_once()
     assert report.collected == {"incoming_email": 1} and subjects(redis) == Counter([0, 1])
+
+
+def test_collect_mailbox_takes_only_the_one_named(dovecot: DovecotServer, tmp_path: Path) -> None:
+    """--mailbox: the Service Desk mailbox's server is down; the incoming one can still be drained on its own."""
+    from tests.servers import free_port
+
+    dead = {**imap_settings(dovecot, port=free_port()), "address": "contact+%{key}@incoming.test"}
+    config = tmp_path / "gw.yml"
+    config.write_text(
+        yaml.safe_dump(gateway_yaml(tmp_path / "spool", incoming_email=imap_settings(dovecot), service_desk_email=dead))
+    )
+
+    def collect(*extra: str) -> subprocess.CompletedProcess[str]:
+        argv = [*lmtp_gateway_command(), "collect", "--config", str(config), "--once", *extra]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+
+    both = collect()
+    assert both.returncode == 1 and "service_desk_email" in both.stdout + both.stderr
+    deliver_numbered(dovecot, range(3))
+    one = collect("--mailbox", "incoming_email")
+    assert one.returncode == 0, one.stderr
+    assert one.stdout.splitlines()[0] == "incoming_email: 3 collected" and "service_desk_email" not in one.stdout
+    assert len(list((tmp_path / "spool" / "maildir" / "incoming_email" / "new").iterdir())) == 3
