@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import re
 import signal
@@ -18,6 +19,7 @@ import pytest
 import yaml
 
 from lmtp_gateway.collectors import arbiter
+from lmtp_gateway.collectors import imap as imap_collector
 from lmtp_gateway.collectors.imap import ImapSettings
 from lmtp_gateway.config import Config, ConfigError
 from lmtp_gateway.journal import Journal, State
@@ -116,6 +118,35 @@ async def test_a_message_arriving_while_idle_reaches_redis_within_a_second(
     elapsed = time.monotonic() - sent
     assert subjects(redis) == Counter([7])
     assert elapsed < 1.0, f"{elapsed:.3f}s from delivery into Dovecot to the job in Redis"
+
+
+async def test_idle_is_issued_again_every_idle_timeout(
+    dovecot: DovecotServer, redis: Any, tmp_path: Path, start_gateway: StartGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Servers drop an IDLE left alone too long (RFC 2177: re-issue at least every 29 minutes); idle_timeout is
+    how often the collector starts a fresh one, and mail still arrives after several."""
+    started: list[float] = []
+    idle_start = imap_collector._Client.idle_start
+
+    async def counting(self: Any, *args: Any, **kwargs: Any) -> Any:
+        started.append(time.monotonic())
+        return await idle_start(self, *args, **kwargs)
+
+    monkeypatch.setattr(imap_collector._Client, "idle_start", counting)
+    config = collect_config(tmp_path / "spool", dovecot, redis, idle_timeout=1)
+    running = await start_gateway(config, listen=False, collect=True)
+    await eventually(lambda: len(started) >= 3, timeout=10, what="three IDLE commands")
+    assert all(later - earlier >= 0.9 for earlier, later in itertools.pairwise(started))  # one per idle_timeout
+    deliver_numbered(dovecot, [4])
+    await eventually(lambda: jobs(redis), timeout=5, what="the job after the IDLEs")
+    assert subjects(redis) == Counter([4])
+    await running.stop()  # while idling: the IDLE is ended with DONE, so the LOGOUT is answered at once
+    log = dovecot.log_path
+    ends = await eventually(
+        lambda: [line for line in log.read_text().splitlines() if "imap(" in line and "Disconnected" in line],
+        what="the end of the IMAP session in Dovecot's log",
+    )
+    assert len(ends) == 1 and "Disconnected: Logged out" in ends[0]  # not "Connection closed (IDLE running ...)"
 
 
 async def test_redis_down_leaves_mail_unread_on_the_server_then_delivers_it_once(

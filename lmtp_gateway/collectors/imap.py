@@ -394,6 +394,10 @@ class ImapSource:
         lost = asyncio.ensure_future(self._lost.wait())
         try:
             await asyncio.wait({pushed, lost}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # stopping: end the IDLE, or the LOGOUT that follows waits behind it
+            if not self._lost.is_set() and not idle.done():
+                client.idle_done()
+            raise
         finally:
             pushed.cancel()
             lost.cancel()
