@@ -61,6 +61,11 @@ async def test_replay_failed_entries_after_the_cause_is_fixed(tmp_path: Path) ->
     await seed(tmp_path / "spool", State.DELIVERED, 2)
     dry = cli("replay", "--config", config, "--state", "failed", "--dry-run")
     assert dry.returncode == 0 and dry.stdout.count("would deliver") == 3
+    # they were received a minute ago: not before two minutes ago, all of them before 30 seconds ago
+    earlier = cli("replay", "--config", config, "--state", "failed", "--until", "2m", "--dry-run")
+    assert earlier.returncode == 0 and "would deliver" not in earlier.stdout
+    later = cli("replay", "--config", config, "--state", "failed", "--until", "30s", "--dry-run")
+    assert later.stdout.count("would deliver") == 3
     assert len(list((tmp_path / "spool" / "failed").glob("*.json"))) == 3  # a dry run changes nothing
     done = cli("replay", "--config", config, "--state", "failed")
     assert done.returncode == 0, done.stderr
