@@ -330,6 +330,12 @@ class Config:
     spool: SpoolConfig
     warnings: tuple[str, ...] = ()
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
+    redis_given: bool = False  # a redis: section, so Redis is there even for webhook or maildir delivery
+
+    @property
+    def uses_redis(self) -> bool:
+        """Sidekiq delivery needs it; collectors arbitrate there whenever it is given."""
+        return self.redis_given or any(m.delivery_method == "sidekiq" for m in self.mailboxes.values())
 
     @property
     def routing(self) -> RoutingTable:
@@ -481,4 +487,5 @@ def _build(data: dict[str, Any], source: str, default_delivery: str, warnings: t
         ),
         warnings=warnings,
         monitoring=MonitoringConfig(**data.get("monitoring", {})),
+        redis_given="redis" in data,
     )

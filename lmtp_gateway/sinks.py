@@ -302,7 +302,7 @@ class Sinks:
 def build_sinks(config: Config) -> Sinks:
     methods = {mailbox.delivery_method for mailbox in config.mailboxes.values()}
     sinks = Sinks({})
-    if "sidekiq" in methods:
+    if config.uses_redis:
         sinks.redis = redis_client(config.redis)
     if "webhook" in methods:
         sinks.http = httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=5.0))

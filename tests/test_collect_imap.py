@@ -310,6 +310,24 @@ async def test_two_collectors_on_one_mailbox_take_each_message_once(
     assert subjects(redis) == Counter(range(total))
 
 
+async def test_two_collectors_arbitrate_in_redis_whatever_the_delivery(
+    dovecot: DovecotServer, redis: Any, tmp_path: Path
+) -> None:
+    """Delivery to a Maildir (or a webhook) needs no Redis, but with a redis: section the collectors use it to
+    share the mailbox, as mail_room does."""
+    deliver_numbered(dovecot, range(100))
+    spools = [tmp_path / f"spool{n}" for n in (1, 2)]
+    configs = [
+        make_config(spool, incoming_email=imap_settings(dovecot), service_desk_email=None, redis={"url": redis.url})
+        for spool in spools
+    ]
+    reports = await asyncio.gather(*(Gateway(c, listen=False, collect=True).collect_once() for c in configs))
+    assert sum(r.collected["incoming_email"] for r in reports) == 100
+    maildirs = [spool / "maildir" / "incoming_email" / "new" for spool in spools]
+    delivered = [_number(path.read_bytes()) for maildir in maildirs for path in maildir.glob("*")]
+    assert Counter(delivered) == Counter(range(100))  # each message in exactly one of the two Maildirs
+
+
 @pytest.mark.parametrize("mode", ["start_tls", "ssl"])
 async def test_tls_verifies_the_certificate(mode: str, dovecot_tls: DovecotServer, redis: Any, tmp_path: Path) -> None:
     cert = dovecot_tls.tmpdir / "tls.pem"
