@@ -23,6 +23,7 @@ message already committed finds its entry instead of making a second one.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import ctypes
@@ -224,6 +225,8 @@ class _IOThread:
         loop = asyncio.get_running_loop()
         job = _Job(work, durable, loop, loop.create_future(), undo)
         with self._lock:
+            if self._closed:
+                raise JournalError("the journal is closed")
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="journal-io", daemon=True)
                 self._thread.start()
@@ -252,7 +255,11 @@ class _IOThread:
             except Exception as error:  # handed to the waiting caller, never lost
                 _finish(job, None, error)
         if written:
-            self._flush(written)
+            try:
+                self._flush(written)
+            except Exception as error:  # the pool is gone (closed) or cannot start a thread: fail, never hang
+                for job, flushable in written:
+                    _finish(job, flushable, error)
         for job in (job for job in batch if not (job.durable and flushed)):
             try:
                 _finish(job, job.work(), None)
@@ -271,6 +278,8 @@ class _IOThread:
         outcome = _RoundFlush(written, len(calls))
         for call in calls:
             self._flushers.submit(call).add_done_callback(outcome.one_done)
+        if not calls:
+            outcome.finish()
 
     def close(self) -> None:
         with self._lock:
@@ -298,6 +307,9 @@ class _RoundFlush:
                 self.error = call.exception()
             if self.remaining:
                 return
+        self.finish()
+
+    def finish(self) -> None:
         for job, flushable in self.written:
             _finish(job, flushable, self.error)
 
@@ -334,6 +346,8 @@ class Journal:
         # id -> state of every entry, kept by the journal's owner (serve) from open() on: dedupe look-ups then
         # cost no system call. Other processes (replay, spool) go to the files.
         self._index: dict[str, State] | None = None
+        # ids whose commit is under way: their files exist under final names before they are durable
+        self._committing: collections.Counter[str] = collections.Counter()
         self._owner_lock: int | None = None
 
     # --- layout ---
@@ -479,12 +493,23 @@ class Journal:
                 with contextlib.suppress(OSError):
                     path.unlink()
 
+        ids = [draft.entry.id for draft in drafts]
+        self._committing.update(ids)
         try:
             await self._io.run(work, durable=True, undo=undo)
         except OSError as error:
             raise JournalError(describe_os_error(error)) from error
+        finally:
+            for entry_id in ids:
+                self._committing[entry_id] -= 1
+                if not self._committing[entry_id]:
+                    del self._committing[entry_id]
         if self._index is not None:
             self._index.update((d.entry.id, d.entry.state) for d in drafts)
+
+    def committing(self, entry_id: str) -> bool:
+        """Is a commit of this entry under way (its files there, not yet durable: nobody may deliver it yet)?"""
+        return self._committing[entry_id] > 0
 
     def _replace_metadata(self, entry: Entry, data: bytes) -> int:
         """Atomically (tmp + rename), so readers never see half a .json; returns the open new file."""
@@ -548,6 +573,9 @@ class Journal:
         try:
             names = os.listdir(self.state_dir(state))
         except FileNotFoundError:
+            return []
+        except OSError as error:  # a rescan or a retention sweep must not end the daemon over this
+            log.error("journal: cannot list %s: %s", self.state_dir(state), describe_os_error(error))
             return []
         return [name[: -len(".json")] for name in names if name.endswith(".json")]
 

@@ -206,6 +206,7 @@ class Gateway:
         while True:
             await asyncio.sleep(RESCAN_SECONDS)
             names = await asyncio.to_thread(self.journal.ids, State.PENDING)
-            unknown = [entry_id for entry_id in names if not self.dispatcher.knows(entry_id)]
+            # A commit under way has its files in pending/ before they are durable (and before its 250).
+            unknown = [i for i in names if not self.dispatcher.knows(i) and not self.journal.committing(i)]
             for entry in await asyncio.to_thread(self.journal.load_all, State.PENDING, unknown):
                 self.dispatcher.submit(entry)

@@ -8,6 +8,7 @@ import os
 import time
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -220,3 +221,14 @@ async def test_serve_removes_expired_entries_by_itself(tmp_path: Path, start_gat
     await eventually(lambda: not (spool / "delivered" / f"{old.id}.json").exists(), what="the expired entry gone")
     assert (spool / "delivered" / f"{recent.id}.eml").exists()
     assert [e.id for e in running.gateway.journal.entries()] == [recent.id]
+
+
+async def test_a_closed_journal_refuses_at_once(tmp_path: Path) -> None:
+    """After close() (shutdown) a late commit gets a JournalError (452), not an answer that never comes."""
+    journal = Journal(tmp_path)
+    journal.open()
+    await commit(journal, new_entry("9" * 24))
+    journal.close()
+    with pytest.raises(JournalError, match="closed"):
+        await asyncio.wait_for(commit(journal, new_entry("a" * 24)), 5)
+    assert not list((tmp_path / "pending").glob(f"{'a' * 24}.*"))

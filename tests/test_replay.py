@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -178,3 +180,34 @@ async def test_serve_takes_over_what_another_process_left_pending(
     await eventually(lambda: len(listings) >= rescans + 3, what="three more rescans")
     assert read == [entry.id]
     assert dispatcher.knows(entry.id) and journal.find(entry.id).state is State.PENDING
+
+
+async def test_a_commit_under_way_is_not_delivered_before_its_250(
+    start_gateway: StartGateway, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rescan lists pending/ while a commit's files are there but not yet flushed (a slow disk here): it must
+    leave them to the commit, or GitLab would get a message the gateway has not acknowledged and may yet lose."""
+    monkeypatch.setattr(service, "RESCAN_SECONDS", 0.02)
+    flush = os.fdatasync
+
+    def slow_disk(descriptor: int) -> None:  # runs in the journal's flush threads
+        time.sleep(0.3)
+        flush(descriptor)
+
+    monkeypatch.setattr(os, "fdatasync", slow_disk)
+    running = await start_gateway()
+    listings: list[State] = []
+    list_ids = running.gateway.journal.ids
+    monkeypatch.setattr(running.gateway.journal, "ids", lambda state: listings.append(state) or list_ids(state))
+    delivered = tmp_path / "spool" / "maildir" / "incoming_email" / "new"
+    client = await running.client()
+    sending = asyncio.ensure_future(client.send("a@example.org", [REPLY_RCPT], numbered_message(1)))
+    seen_before_250 = []
+    while not sending.done():
+        seen_before_250.extend(delivered.glob("*"))
+        await asyncio.sleep(0.005)
+    assert sending.result().results[0].startswith("250 2.0.0")
+    assert len(listings) >= 3  # the rescan looked several times while the commit was being flushed
+    assert not seen_before_250
+    await eventually(lambda: list(delivered.glob("*")), what="delivery after the 250")
+    await client.quit()
