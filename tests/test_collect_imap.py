@@ -31,9 +31,10 @@ from tests.conftest import (
     lmtp_gateway_command,
     mailroom_secret_file,
     make_config,
+    numbered_message,
 )
 from tests.gitlab_stub import GitLabStub
-from tests.mailbox import Inspector, deliver_numbered
+from tests.mailbox import Inspector, deliver, deliver_numbered
 from tests.servers.dovecot import DovecotServer
 from tests.test_sidekiq import jobs
 
@@ -292,6 +293,33 @@ async def test_uidvalidity_change_collects_new_mail_and_recognises_old(
     assert subjects(redis) == Counter(range(8))
     with Inspector(dovecot) as mailbox:
         assert mailbox.unseen_subjects() == set()
+
+
+async def test_a_read_message_too_large_for_now_is_collected_once_the_limit_is_raised(
+    dovecot: DovecotServer, redis: Any, tmp_path: Path
+) -> None:
+    """Message 0 was read in webmail and is over lmtp.max_message_size: it is left and reported, and must not
+    be passed over for good while the messages after it are collected; raising the limit brings it in."""
+
+    def config(limit: int) -> Config:
+        return make_config(
+            tmp_path / "spool",
+            incoming_email={**imap_settings(dovecot, delete_after_delivery=False), "delivery_method": "sidekiq"},
+            service_desk_email=None,
+            redis={"url": redis.url},
+            lmtp={"max_message_size": limit},
+        )
+
+    await Gateway(config(1 << 20), listen=False, collect=True).collect_once()  # from now on, read mail counts
+    # more than one batch (50) behind it, so the pass goes on after the first settle
+    deliver(dovecot, [numbered_message(0, body="x" * 20_000), *(numbered_message(n) for n in range(1, 61))])
+    with Inspector(dovecot) as mailbox:
+        first = min(mailbox.flags())
+        mailbox.imap.uid("STORE", str(first), "+FLAGS.SILENT", r"(\Seen)")
+    report = await Gateway(config(10_000), listen=False, collect=True).collect_once()
+    assert report.collected == {"incoming_email": 60} and subjects(redis) == Counter(range(1, 61))
+    report = await Gateway(config(1 << 20), listen=False, collect=True).collect_once()
+    assert report.collected == {"incoming_email": 1} and subjects(redis) == Counter(range(61))
 
 
 async def test_two_collectors_on_one_mailbox_take_each_message_once(

@@ -225,13 +225,15 @@ class ImapSource:
         self._client: _Client | None = None
         self._lost = asyncio.Event()
         self._uidvalidity = 0
-        self._unsettled: set[int] = set()  # listed by the last `pending` above last_uid, not settled since
+        self._unsettled: set[int] = set()  # waiting above last_uid at the last `pending`, not settled since
+        self._settled: set[int] = set()  # settled above last_uid in this session
 
     # --- connection ---
 
     async def connect(self) -> None:
         settings = self.settings
         self._lost = asyncio.Event()
+        self._settled = set()
         context = settings.tls_context() if settings.ssl or settings.start_tls else None
         self._client = client = _Client(
             settings.host,
@@ -324,8 +326,10 @@ class ImapSource:
         # search could not tell an unseen message from that one.
         unseen = await self._search(client, "UNDELETED", "UNSEEN")
         newer = {uid for uid in await self._search(client, "UNDELETED", f"UID {after}:*") if uid >= after}
-        uids = [uid for uid in sorted(unseen | newer) if self._key(uid) not in skip][:limit]
-        self._unsettled = {uid for uid in uids if uid >= after}
+        candidates = sorted(unseen | newer)
+        # Left ones count too (too large for now, or held by another collector): last_uid must wait for them.
+        self._unsettled = {uid for uid in candidates if uid >= after and uid not in self._settled}
+        uids = [uid for uid in candidates if self._key(uid) not in skip][:limit]
         if not uids:
             return []
         sizes = await client.uid("fetch", _uid_set(uids), "(UID RFC822.SIZE)")
@@ -373,10 +377,12 @@ class ImapSource:
                 log.warning("%s: EXPUNGE failed: %s", self.name, _text(response))
         # last_uid means "everything up to here is settled": it must not pass a listed message that was left
         # (another collector held it, its commit failed), or a read copy of it would never be listed again.
+        self._settled.update(uids)
         self._unsettled.difference_update(uids)
         settled_to = min([max(uids), *(uid - 1 for uid in self._unsettled)])
         if settled_to > self.state.last_uid:
             self.state.last_uid = settled_to
+            self._settled = {uid for uid in self._settled if uid > settled_to}
             await asyncio.to_thread(self.state.save)
 
     async def wait(self, timeout: float) -> None:
@@ -389,18 +395,19 @@ class ImapSource:
         queue = client.protocol.idle_queue
         while not queue.empty():  # pushes left over from an earlier IDLE; the caller has searched since
             queue.get_nowait()
-        idle = await client.idle_start(timeout=min(timeout, self.settings.idle_timeout))
-        pushed = asyncio.ensure_future(client.wait_server_push(timeout + COMMAND_TIMEOUT))
-        lost = asyncio.ensure_future(self._lost.wait())
+        waiting: list[asyncio.Future[Any]] = []
         try:
-            await asyncio.wait({pushed, lost}, return_when=asyncio.FIRST_COMPLETED)
+            idle = await client.idle_start(timeout=min(timeout, self.settings.idle_timeout))
+            waiting += [asyncio.ensure_future(client.wait_server_push(timeout + COMMAND_TIMEOUT))]
+            waiting += [asyncio.ensure_future(self._lost.wait())]
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:  # stopping: end the IDLE, or the LOGOUT that follows waits behind it
-            if not self._lost.is_set() and not idle.done():
+            if not self._lost.is_set() and client.has_pending_idle():
                 client.idle_done()
             raise
         finally:
-            pushed.cancel()
-            lost.cancel()
+            for task in waiting:
+                task.cancel()
         if self._lost.is_set():
             raise SourceError("connection lost while idling")
         client.idle_done()
