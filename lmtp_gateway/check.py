@@ -14,21 +14,22 @@ import ipaddress
 import socket
 import tempfile
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import dns.asyncresolver
 import dns.exception
 import dns.resolver
 import httpx
+import redis
 
 from lmtp_gateway.collect import build_source, describe, is_collected
 from lmtp_gateway.config import Config, ConfigError, MailboxConfig, load_config
 from lmtp_gateway.journal import Journal
 from lmtp_gateway.ops import os_error_text
-from lmtp_gateway.sinks import SidekiqSink, WebhookSink, read_webhook_key, redis_client
+from lmtp_gateway.sinks import SidekiqSink, WebhookSink, read_webhook_key, redis_client, redis_problem
 
 Status = Literal["ok", "warn", "fail", "skip"]
 STATUSES: tuple[Status, ...] = ("ok", "warn", "fail", "skip")
@@ -155,9 +156,11 @@ async def check_redis(context: Context) -> list[Result]:
         return [Result("skip", "Redis: no mailbox delivers with sidekiq, and no redis: section for arbitration")]
     client = redis_client(config.redis)
     try:
-        mailbox = users[0] if users else next(iter(config.mailboxes.values()))  # arbitration only: any will do
+        mailbox = users[0] if users else next(iter(config.mailboxes.values()))
         sink = SidekiqSink(mailbox.name, config.redis, client, config.spool.retention)
-        problem = await asyncio.wait_for(sink.probe(), context.timeout)
+        # Arbitration alone writes claim keys, never the queue: probe what it needs, nothing more.
+        probe = sink.probe() if users else _probe_writable(client, sink.probe_key)
+        problem = await asyncio.wait_for(probe, context.timeout)
     except TimeoutError:
         problem = f"no answer within {context.timeout:g}s"
     finally:
@@ -172,7 +175,17 @@ async def check_redis(context: Context) -> list[Result]:
                 "start Redis, or set redis.url (or redis.sentinels) to GitLab's Redis for queues",
             )
         ]
+    if not users:
+        return [Result("ok", f"Redis {where}: reachable and writable (collector arbitration)")]
     return [Result("ok", f"Redis {where}: reachable, {sink.queue_key} writable")]
+
+
+async def _probe_writable(client: Any, key: str) -> str | None:
+    try:
+        await client.set(key, "1", ex=60)
+    except (TimeoutError, redis.exceptions.RedisError, OSError) as error:
+        return redis_problem(error)
+    return None
 
 
 async def check_webhook(context: Context) -> list[Result]:
@@ -478,12 +491,16 @@ async def run_checks(
     return [result for group in groups for result in group]
 
 
-def check(config_path: str | None, *, nameserver: str | None = None, timeout: float = 5.0) -> list[Result]:
+def check(
+    config_path: str | None, *, spool: str | None = None, nameserver: str | None = None, timeout: float = 5.0
+) -> list[Result]:
     """Load the configuration and run every check (a configuration that does not load is the only result)."""
     try:
         config = load_config(config_path)
     except ConfigError as error:
         return [Result("fail", f"configuration: {error}", "correct the file and run check again")]
+    if spool:
+        config = replace(config, spool=replace(config.spool, path=Path(spool)))
     return asyncio.run(run_checks(config, nameserver=nameserver, timeout=timeout))
 
 

@@ -245,12 +245,13 @@ def _nameserver(ctx: click.Context, param: click.Parameter, value: str | None) -
 
 @main.command()
 @config_option
+@spool_option
 @click.option(
     "--nameserver", metavar="HOST[:PORT]", callback=_nameserver, help="Ask this DNS server (default: resolv.conf)."
 )
 @click.option("--timeout", default=5.0, show_default=True, metavar="SECONDS", help="For each connection or lookup.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object: ok, counts, checks[{status, what, fix}].")
-def check(config_path: str | None, nameserver: str | None, timeout: float, as_json: bool) -> None:
+def check(config_path: str | None, spool: str | None, nameserver: str | None, timeout: float, as_json: bool) -> None:
     """Check what the gateway depends on and say what to fix: the configuration, the LMTP listener (answers
     LHLO?), Redis and its queue (sidekiq), GitLab's mail_room API and token (webhook), the journal (writable, free
     space), the MX records of the mail domains and whether they are dedicated subdomains.
@@ -265,7 +266,7 @@ def check(config_path: str | None, nameserver: str | None, timeout: float, as_js
     """
     from lmtp_gateway import check as checking
 
-    results = checking.check(config_path, nameserver=nameserver, timeout=timeout)
+    results = checking.check(config_path, spool=spool, nameserver=nameserver, timeout=timeout)
     if as_json:
         click.echo(json.dumps(checking.as_json(results), ensure_ascii=False))
     else:

@@ -140,6 +140,20 @@ async def test_redis_down(lmtp_address: str, redis: Any, dns: DnsmasqServer, tmp
     assert done.returncode == 1
 
 
+async def test_redis_for_arbitration_only_and_another_spool(
+    lmtp_address: str, redis: Any, dns: DnsmasqServer, tmp_path: Path
+) -> None:
+    """Maildir delivery with a redis: section: Redis serves the collectors' arbitration, and check says so
+    without touching a queue; --spool checks the journal given, as serve and collect would use it."""
+    config = write_config(tmp_path, lmtp_address, redis={"url": redis.url})
+    other = tmp_path / "collect-journal"
+    other.mkdir()
+    done = await run_check(config, dns, "--spool", str(other))
+    assert f"ok    Redis {redis.url}: reachable and writable (collector arbitration)" in done.stdout
+    assert redis.command("EXISTS", "queue:default") == 0
+    assert re.search(rf"ok    journal {re.escape(str(other))} writable", done.stdout)
+
+
 async def test_redis_password_is_never_printed(
     lmtp_address: str, redis: Any, dns: DnsmasqServer, tmp_path: Path
 ) -> None:
