@@ -65,7 +65,7 @@ from lmtp_bench import (
     snapshot_code,
     summarize,
 )
-from scratch import CHOICES, scratch_dir  # beside this file
+from scratch import CHOICES, measure_on_scratch  # beside this file
 from scratch import HELP as SCRATCH_HELP
 
 from tests.mailbox import Inspector
@@ -744,12 +744,10 @@ def rounds(legs: tuple[str, ...], repeat: int) -> Iterator[tuple[int, str]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    with scratch_dir(args.scratch) as (_, scratch):
-        print(f"spools and Maildirs on: {scratch}", file=sys.stderr)
-        return run(args, scratch)
+    return measure_on_scratch(args.scratch, lambda scratch: measure(args, scratch))
 
 
-def run(args: argparse.Namespace, scratch: str) -> int:
+def measure(args: argparse.Namespace, scratch: str) -> int:
     mail_room = args.mail_room or require_binary("mail_room", "ruby-mail-room ruby-redis ruby-redis-namespace")
     import redis as redis_py  # the gateway's own dependency, in its virtualenv
 

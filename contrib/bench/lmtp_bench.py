@@ -41,7 +41,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from scratch import CHOICES, scratch_dir  # noqa: E402  (beside this file)
+from scratch import CHOICES, measure_on_scratch  # noqa: E402  (beside this file)
 from scratch import HELP as SCRATCH_HELP  # noqa: E402
 
 from tests.servers import (  # noqa: E402  (the repository root must be on sys.path first)
@@ -662,12 +662,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    with scratch_dir(args.scratch) as (_, scratch):
-        print(f"spools and Maildirs on: {scratch}", file=sys.stderr)
-        return run(args, scratch)
+    return measure_on_scratch(args.scratch, lambda scratch: measure(args, scratch))
 
 
-def run(args: argparse.Namespace, scratch: str) -> int:
+def measure(args: argparse.Namespace, scratch: str) -> int:
     smtp_source = require_binary("smtp-source", "postfix")
     profile_dir: Path | None = args.profile.resolve() if args.profile else None
     if profile_dir:

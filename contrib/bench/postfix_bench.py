@@ -49,7 +49,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from scratch import CHOICES, scratch_dir  # noqa: E402  (beside this file)
+from scratch import CHOICES, measure_on_scratch  # noqa: E402  (beside this file)
 from scratch import HELP as SCRATCH_HELP  # noqa: E402
 
 from tests.servers import (  # noqa: E402
@@ -802,9 +802,9 @@ def main(argv: list[str] | None = None) -> int:
     smtp_source_bin = require_binary("smtp-source", "postfix")
     require_binary("openssl", "openssl")
 
-    with scratch_dir(args.scratch) as (_, scratch):
-        print(f"spools, queues and Maildirs on: {scratch}", file=sys.stderr)
-        return measure(args, order, smtp_source_bin, scratch)
+    return measure_on_scratch(
+        args.scratch, lambda scratch: measure(args, order, smtp_source_bin, scratch), "spools, queues and Maildirs"
+    )
 
 
 def measure(args: argparse.Namespace, order: list[str], smtp_source_bin: str, scratch: str) -> int:

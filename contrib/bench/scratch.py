@@ -17,8 +17,9 @@ import contextlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 CHOICES = ("auto", "ext4", "tmpdir")
@@ -85,3 +86,10 @@ def scratch_dir(choice: str, size_mb: int = 4096) -> Iterator[tuple[Path, str]]:
             mountpoint.rmdir()
         with contextlib.suppress(OSError):
             os.unlink(image)
+
+
+def measure_on_scratch(choice: str, measure: Callable[[str], int], holds: str = "spools and Maildirs") -> int:
+    """Run a benchmark's `measure(description)` with its files on the scratch file system chosen; its exit status."""
+    with scratch_dir(choice) as (_, described):
+        print(f"{holds} on: {described}", file=sys.stderr)
+        return measure(described)
