@@ -139,14 +139,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _syncfs(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        if _LIBC.syncfs(fd) != 0:
-            error = ctypes.get_errno()
-            raise OSError(error, os.strerror(error))
-    finally:
-        os.close(fd)
+def _syncfs(descriptor: int) -> None:
+    """syncfs reports the write errors of its file system since `descriptor` was opened (and each only once per
+    descriptor): a round opens its own before it writes anything, so no error in its data can pass unseen."""
+    if _LIBC.syncfs(descriptor) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, os.strerror(error))
 
 
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -248,34 +246,41 @@ class _IOThread:
         """The durable jobs' work, then their flush in the background while this thread goes on with the rest
         of the round (state changes) and the next round: flushes of consecutive rounds overlap."""
         flushed = self.method != "off"
+        durable = [job for job in batch if job.durable and flushed]
+        watch: int | None = None  # syncfs: the descriptor that will see this round's write errors
         written: list[tuple[_Job, _Flushable]] = []
-        for job in (job for job in batch if job.durable and flushed):
+        for job in durable:
             try:
+                if watch is None and self.method == "syncfs":
+                    watch = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
                 written.append((job, job.work()))
             except Exception as error:  # handed to the waiting caller, never lost
                 _finish(job, None, error)
         if written:
             try:
-                self._flush(written)
+                self._flush(written, watch)
+                watch = None  # closed by the round's flush when it is over
             except Exception as error:  # the pool is gone (closed) or cannot start a thread: fail, never hang
                 for job, flushable in written:
                     _finish(job, flushable, error)
+        if watch is not None:
+            os.close(watch)
         for job in (job for job in batch if not (job.durable and flushed)):
             try:
                 _finish(job, job.work(), None)
             except Exception as error:
                 _finish(job, None, error)
 
-    def _flush(self, written: list[tuple[_Job, _Flushable]]) -> None:
+    def _flush(self, written: list[tuple[_Job, _Flushable]], watch: int | None) -> None:
         """Every file and directory of the round at once (the block layer merges the disk flushes of calls that
-        overlap; one after the other, each file would cost a flush of its own); the jobs are finished when the
-        last call returns."""
-        if self.method == "syncfs":
-            calls = [functools.partial(_syncfs, self.root)]
+        overlap; one after the other, each file would cost a flush of its own), or one syncfs on `watch`; the
+        jobs are finished when the last call returns."""
+        if watch is not None:
+            calls = [functools.partial(_syncfs, watch)]
         else:
             calls = [functools.partial(os.fdatasync, fd) for _, flushable in written for fd in flushable.files]
             calls += [functools.partial(_fsync_dir, d) for d in {d for _, f in written for d in f.directories}]
-        outcome = _RoundFlush(written, len(calls))
+        outcome = _RoundFlush(written, len(calls), watch)
         for call in calls:
             self._flushers.submit(call).add_done_callback(outcome.one_done)
         if not calls:
@@ -294,9 +299,10 @@ class _RoundFlush:
     """Counts down the flush calls of one round; the last to return finishes the round's jobs (with the first
     error, if any: a round is durable as a whole or not at all)."""
 
-    def __init__(self, written: list[tuple[_Job, _Flushable]], calls: int) -> None:
+    def __init__(self, written: list[tuple[_Job, _Flushable]], calls: int, watch: int | None = None) -> None:
         self.written = written
         self.remaining = calls
+        self.watch = watch
         self.error: BaseException | None = None
         self._lock = threading.Lock()
 
@@ -310,6 +316,9 @@ class _RoundFlush:
         self.finish()
 
     def finish(self) -> None:
+        if self.watch is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.watch)
         for job, flushable in self.written:
             _finish(job, flushable, self.error)
 

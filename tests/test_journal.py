@@ -152,7 +152,10 @@ async def test_syncfs_and_off_commit_too(tmp_path: Path) -> None:
         journal = Journal(tmp_path / method, sync=method)
         journal.open()
         await commit(journal, new_entry("5" * 24))
-        assert journal.find("5" * 24) is not None
+        open_before = len(os.listdir("/proc/self/fd"))
+        await asyncio.gather(*(commit(journal, new_entry(f"{n:024x}")) for n in range(20)))
+        assert journal.find("5" * 24) is not None and journal.find(f"{19:024x}") is not None
+        assert len(os.listdir("/proc/self/fd")) == open_before  # every file and syncfs descriptor closed
         journal.close()
 
 
