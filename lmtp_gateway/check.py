@@ -16,20 +16,19 @@ import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import dns.asyncresolver
 import dns.exception
 import dns.resolver
 import httpx
-import redis
 
 from lmtp_gateway.collect import build_source, describe, is_collected
 from lmtp_gateway.config import Config, ConfigError, MailboxConfig, load_config
 from lmtp_gateway.journal import Journal
 from lmtp_gateway.ops import os_error_text
-from lmtp_gateway.sinks import SidekiqSink, WebhookSink, read_webhook_key, redis_client, redis_problem
+from lmtp_gateway.sinks import SidekiqSink, WebhookSink, read_webhook_key, redis_client
 
 Status = Literal["ok", "warn", "fail", "skip"]
 STATUSES: tuple[Status, ...] = ("ok", "warn", "fail", "skip")
@@ -159,8 +158,7 @@ async def check_redis(context: Context) -> list[Result]:
         mailbox = users[0] if users else next(iter(config.mailboxes.values()))
         sink = SidekiqSink(mailbox.name, config.redis, client, config.spool.retention)
         # Arbitration alone writes claim keys, never the queue: probe what it needs, nothing more.
-        probe = sink.probe() if users else _probe_writable(client, sink.probe_key)
-        problem = await asyncio.wait_for(probe, context.timeout)
+        problem = await asyncio.wait_for(sink.probe(queue=bool(users)), context.timeout)
     except TimeoutError:
         problem = f"no answer within {context.timeout:g}s"
     finally:
@@ -178,14 +176,6 @@ async def check_redis(context: Context) -> list[Result]:
     if not users:
         return [Result("ok", f"Redis {where}: reachable and writable (collector arbitration)")]
     return [Result("ok", f"Redis {where}: reachable, {sink.queue_key} writable")]
-
-
-async def _probe_writable(client: Any, key: str) -> str | None:
-    try:
-        await client.set(key, "1", ex=60)
-    except (TimeoutError, redis.exceptions.RedisError, OSError) as error:
-        return redis_problem(error)
-    return None
 
 
 async def check_webhook(context: Context) -> list[Result]:

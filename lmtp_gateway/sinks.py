@@ -150,14 +150,16 @@ class SidekiqSink:
             return Transient(redis_problem(error))
         return Delivered("pushed" if pushed else "already in Redis (dedupe)")
 
-    async def probe(self) -> str | None:
+    async def probe(self, *, queue: bool = True) -> str | None:
         """Reachable and writable, as a push needs it, without touching a job: a short-lived SET beside the dedupe
         keys (fails on a read-only replica, when Redis is out of memory or an ACL forbids it) and an LTRIM that
-        keeps the whole queue (fails if the queue key holds something other than a list, or is not writable)."""
+        keeps the whole queue (fails if the queue key holds something other than a list, or is not writable).
+        `queue=False` leaves the queue alone: collectors arbitrating there write keys only."""
         try:
             async with self.client.pipeline(transaction=False) as pipe:
                 pipe.set(self.probe_key, "1", ex=60)
-                pipe.ltrim(self.queue_key, 0, -1)
+                if queue:
+                    pipe.ltrim(self.queue_key, 0, -1)
                 await pipe.execute()
         except (TimeoutError, redis.exceptions.RedisError, OSError) as error:
             return redis_problem(error)
