@@ -149,6 +149,14 @@ async def test_spool_and_replay_take_another_journal_with_spool(tmp_path: Path) 
     assert not (tmp_path / "spool" / "delivered").exists() or not any((tmp_path / "spool" / "delivered").iterdir())
 
 
+def rescans_of(journal: Journal, monkeypatch: pytest.MonkeyPatch) -> list[State]:
+    """Each listing of a state directory (what the running gateway's rescan does), recorded as it happens."""
+    listings: list[State] = []
+    list_ids = journal.ids
+    monkeypatch.setattr(journal, "ids", lambda state: listings.append(state) or list_ids(state))
+    return listings
+
+
 async def test_serve_takes_over_what_another_process_left_pending(
     start_gateway: StartGateway, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -161,10 +169,9 @@ async def test_serve_takes_over_what_another_process_left_pending(
     }
     running = await start_gateway(make_config(tmp_path / "spool", **dead_redis))
     journal = running.gateway.journal
-    listings: list[State] = []
+    listings = rescans_of(journal, monkeypatch)
     read: list[str] = []
-    list_ids, load_all = journal.ids, journal.load_all
-    monkeypatch.setattr(journal, "ids", lambda state: listings.append(state) or list_ids(state))
+    load_all = journal.load_all
     monkeypatch.setattr(journal, "load_all", lambda state, ids: read.extend(ids) or load_all(state, ids))
     other = Journal(tmp_path / "spool")  # as replay opens it: not the owner
     entry = Entry(
@@ -196,9 +203,7 @@ async def test_a_commit_under_way_is_not_delivered_before_its_250(
 
     monkeypatch.setattr(os, "fdatasync", slow_disk)
     running = await start_gateway()
-    listings: list[State] = []
-    list_ids = running.gateway.journal.ids
-    monkeypatch.setattr(running.gateway.journal, "ids", lambda state: listings.append(state) or list_ids(state))
+    listings = rescans_of(running.gateway.journal, monkeypatch)
     delivered = tmp_path / "spool" / "maildir" / "incoming_email" / "new"
     client = await running.client()
     sending = asyncio.ensure_future(client.send("a@example.org", [REPLY_RCPT], numbered_message(1)))
