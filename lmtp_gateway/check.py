@@ -25,9 +25,10 @@ import dns.resolver
 import httpx
 
 from lmtp_gateway.collect import build_source, describe, is_collected
-from lmtp_gateway.config import Config, ConfigError, MailboxConfig, load_config
+from lmtp_gateway.config import Config, MailboxConfig, load_config
+from lmtp_gateway.errors import ConfigError, os_error_text
 from lmtp_gateway.journal import Journal
-from lmtp_gateway.ops import os_error_text
+from lmtp_gateway.listen import Address
 from lmtp_gateway.sinks import SidekiqSink, WebhookSink, read_webhook_key, redis_client
 
 Status = Literal["ok", "warn", "fail", "skip"]
@@ -103,11 +104,7 @@ async def _check_lmtp_listener(spec: str, timeout: float) -> Result:
 
 
 async def _lhlo(spec: str) -> str:
-    if spec.startswith("unix:"):
-        reader, writer = await asyncio.open_unix_connection(spec.removeprefix("unix:"))
-    else:
-        host, _, port = spec.rpartition(":")
-        reader, writer = await asyncio.open_connection(host.strip("[]") or "127.0.0.1", int(port))
+    reader, writer = await Address.parse(spec).connect()
     try:
         greeting = await _reply(reader)
         if not greeting.startswith("220"):

@@ -14,8 +14,9 @@ from typing import Any
 
 import click
 
-from lmtp_gateway.config import ENV_CONFIG, Config, ConfigError, load_config
-from lmtp_gateway.journal import Journal, JournalError, State
+from lmtp_gateway.config import ENV_CONFIG, Config, load_config
+from lmtp_gateway.errors import ConfigError, GatewayError
+from lmtp_gateway.journal import Journal, State
 from lmtp_gateway.logs import setup_logging
 from lmtp_gateway.rules import MAILBOX_TYPES, Verdict, route
 
@@ -169,7 +170,7 @@ def serve(
 
     try:
         asyncio.run(gateway.run(on_ready=ready))
-    except (OSError, JournalError, ConfigError) as error:
+    except (OSError, GatewayError) as error:
         raise click.ClickException(f"cannot start: {error}") from None
 
 
@@ -217,7 +218,7 @@ def collect(
             asyncio.run(gateway.run())
             return
         report = asyncio.run(gateway.collect_once())
-    except (OSError, JournalError, ConfigError) as error:
+    except (OSError, GatewayError) as error:
         raise click.ClickException(f"cannot start: {error}") from None
     for name, count in report.collected.items():
         problem = report.errors.get(name)

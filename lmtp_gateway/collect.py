@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmtp_gateway.collectors import Ref, Source, SourceError
+from lmtp_gateway.collectors import Ref, Source
 from lmtp_gateway.collectors.arbiter import Arbiter, Claim, RedisArbiter, SoleCollector, owner_id
 from lmtp_gateway.collectors.graph import ClientCredentials, GraphSettings, GraphSource
 from lmtp_gateway.collectors.imap import ImapSettings, ImapSource
-from lmtp_gateway.config import Config, ConfigError, MailboxConfig
+from lmtp_gateway.config import Config, MailboxConfig
+from lmtp_gateway.errors import ConfigError, JournalError, SourceError
 from lmtp_gateway.intake import Intake
-from lmtp_gateway.journal import JournalError
 from lmtp_gateway.metrics import Metrics
 from lmtp_gateway.sinks import Sinks
 

@@ -21,7 +21,8 @@ from urllib.parse import quote, urlsplit
 
 import yaml
 
-from lmtp_gateway.config import MAILBOX_SCHEMA, ConfigError, _from_gitlab_yml, is_gitlab_yml
+from lmtp_gateway.config import MAILBOX_SCHEMA, _from_gitlab_yml, is_gitlab_yml
+from lmtp_gateway.errors import ConfigError
 from lmtp_gateway.rules import MAILBOX_TYPES
 
 # Omnibus spelling -> gitlab.yml spelling, where they differ.

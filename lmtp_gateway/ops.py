@@ -13,11 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
 
-from lmtp_gateway.config import ConfigError
+from lmtp_gateway.listen import Address
 from lmtp_gateway.metrics import CONTENT_TYPE, Metrics
 
 log = logging.getLogger(__name__)
@@ -29,11 +28,6 @@ PROBE_CACHE_SECONDS = 5.0
 TEXT = "text/plain; charset=utf-8"
 
 Probe = Callable[[], Awaitable[str | None]]
-
-
-def os_error_text(error: OSError) -> str:
-    """ "Address already in use": asyncio's own texts repeat the address the caller already names."""
-    return os.strerror(error.errno) if error.errno else str(error)
 
 
 class Readiness:
@@ -89,18 +83,11 @@ class OpsServer:
         self.address: str | None = None
 
     async def listen(self, spec: str, *, key: str = "monitoring.listen") -> str:
-        """Listen on HOST:PORT (port 0 picks a free one); a port that cannot be bound is a configuration error
-        naming `key`. Returns the address bound."""
-        host, _, port = spec.rpartition(":")
-        host = host.strip("[]") or "127.0.0.1"
-        try:
-            self.server = await asyncio.start_server(self._serve, host, int(port), reuse_address=True, limit=MAX_HEAD)
-        except OSError as error:
-            raise ConfigError(
-                f"{key}: cannot listen on {spec}: {os_error_text(error)}; set {key} to a free HOST:PORT, or to off"
-            ) from None
-        bound = self.server.sockets[0].getsockname()
-        self.address = f"[{host}]:{bound[1]}" if ":" in host else f"{host}:{bound[1]}"
+        """Listen on HOST:PORT (port 0 picks a free one); a port that cannot be bound is a ListenError naming
+        `key`. Returns the address bound."""
+        fix = f"set {key} to a free HOST:PORT, or to off"
+        self.server, bound = await Address.parse(spec).serve_streams(self._serve, key=key, limit=MAX_HEAD, fix=fix)
+        self.address = str(bound)
         log.info("monitoring on http://%s/metrics", self.address, extra={"event": "listening", "address": self.address})
         return self.address
 

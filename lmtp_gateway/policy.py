@@ -20,9 +20,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import sys
 
+from lmtp_gateway.listen import Address
 from lmtp_gateway.rules import RoutingTable, match_recipient
 
 log = logging.getLogger(__name__)
@@ -60,22 +60,11 @@ class PolicyServer:
         self.addresses: list[str] = []
 
     async def listen(self, spec: str) -> str:
-        if spec.startswith("unix:"):
-            path = spec.removeprefix("unix:")
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-            server = await asyncio.start_unix_server(self._serve, path, limit=MAX_REQUEST)
-            address = spec
-        else:
-            host, _, port = spec.rpartition(":")
-            server = await asyncio.start_server(
-                self._serve, host.strip("[]") or "127.0.0.1", int(port), limit=MAX_REQUEST
-            )
-            address = f"{host or '127.0.0.1'}:{server.sockets[0].getsockname()[1]}"
+        server, bound = await Address.parse(spec).serve_streams(self._serve, key="policy.listen", limit=MAX_REQUEST)
         self.servers.append(server)
-        self.addresses.append(address)
-        log.info("policy service on %s", address, extra={"event": "listening", "address": address})
-        return address
+        self.addresses.append(str(bound))
+        log.info("policy service on %s", bound, extra={"event": "listening", "address": str(bound)})
+        return str(bound)
 
     def serve_stdio(self) -> None:
         """One session on standard input and output, as Postfix's spawn(8) runs a policy server."""

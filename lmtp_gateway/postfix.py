@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lmtp_gateway.config import Config
+from lmtp_gateway.listen import Address
 
 TRANSPORT = "gitlab-lmtp"  # our own lmtp(8) service: not chrooted, so it reaches /run/lmtp-gateway
 
@@ -21,11 +22,10 @@ class Fragment:
     master_cf: str
 
 
-def _next_hop(listen: str) -> str:
-    if listen.startswith("unix:"):
-        return f"{TRANSPORT}:unix:{listen.removeprefix('unix:')}"
-    host, _, port = listen.rpartition(":")
-    return f"{TRANSPORT}:inet:{host or '127.0.0.1'}:{port}"
+def _postfix_endpoint(listen: str) -> str:
+    """``unix:PATH`` or ``inet:HOST:PORT``, as Postfix names a socket (for lmtp(8) and check_policy_service)."""
+    address = Address.parse(listen)
+    return f"unix:{address.path}" if address.is_unix else f"inet:{address}"
 
 
 POLICY_SERVICE = "gitlab-policy"  # spawn(8) entry when no policy.listen is configured
@@ -34,14 +34,13 @@ POLICY_SERVICE = "gitlab-policy"  # spawn(8) entry when no policy.listen is conf
 def _policy_client(config: Config) -> str:
     if not config.policy.listen:
         return f"unix:private/{POLICY_SERVICE}"  # relative to the queue directory: works for a chrooted smtpd
-    listen = config.policy.listen[0]
-    return f"unix:{listen.removeprefix('unix:')}" if listen.startswith("unix:") else f"inet:{listen}"
+    return _postfix_endpoint(config.policy.listen[0])
 
 
 def render(config: Config, *, executable: str, user: str = "lmtp-gateway") -> Fragment:
     """`executable` and `user` are for the spawn(8) entry Postfix uses when policy.listen is not set."""
     domains = sorted({mailbox.template.domain.lower() for mailbox in config.mailboxes.values()})
-    hop = _next_hop(config.lmtp.listen[0])
+    hop = f"{TRANSPORT}:{_postfix_endpoint(config.lmtp.listen[0])}"
     addresses = ", ".join(mailbox.template.text for mailbox in config.mailboxes.values())
     delimiter = any("+%{key}" in mailbox.template.text for mailbox in config.mailboxes.values())
     transport = ", ".join(f"{domain}={hop}" for domain in domains)  # inline: wants no spaces around =

@@ -20,8 +20,9 @@ from pathlib import Path
 
 from lmtp_gateway.config import Config, parse_duration
 from lmtp_gateway.dispatch import Dispatcher
+from lmtp_gateway.errors import JournalError
 from lmtp_gateway.intake import Intake
-from lmtp_gateway.journal import Entry, Journal, JournalError, State
+from lmtp_gateway.journal import Entry, Journal, State
 from lmtp_gateway.rules import RoutingTable, route
 from lmtp_gateway.sinks import Delivered, Permanent, Sinks, Transient, build_sinks
 

@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 
-from lmtp_gateway.config import ConfigError
+from lmtp_gateway.errors import ConfigError
 
 FILE_SUFFIX = "_file"
 ENV_SUFFIX = "_env"

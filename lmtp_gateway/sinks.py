@@ -27,7 +27,8 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from redis.asyncio.sentinel import Sentinel
 
-from lmtp_gateway.config import Config, ConfigError, MailboxConfig, RedisConfig
+from lmtp_gateway.config import Config, MailboxConfig, RedisConfig
+from lmtp_gateway.errors import ConfigError
 from lmtp_gateway.journal import Entry
 from lmtp_gateway.rules import INCOMING_EMAIL, SERVICE_DESK_EMAIL
 from lmtp_gateway.secrets import check_secret_file
@@ -84,7 +85,7 @@ return 1
 
 
 def sidekiq_job(worker: str, queue: str, raw: bytes, jid: str, style: str, now: float) -> dict[str, object]:
-    """The job exactly as GitLab's workers expect it (GITLAB_RULES.md §6)."""
+    """The job exactly as GitLab's workers expect it (docs/gitlab-rules.md §8)."""
     stamp: float | int = now if style == "sidekiq7" else int(now * 1000)
     return {
         "class": worker,

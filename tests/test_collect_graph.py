@@ -159,7 +159,7 @@ async def test_a_wrong_client_secret_is_reported_without_the_secret(
 
 def test_graph_settings_missing_say_which(tmp_path: Path) -> None:
     from lmtp_gateway.collect import build_source
-    from lmtp_gateway.config import ConfigError
+    from lmtp_gateway.errors import ConfigError
 
     config = make_config(
         tmp_path / "spool",

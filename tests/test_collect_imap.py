@@ -21,7 +21,8 @@ import yaml
 from lmtp_gateway.collectors import arbiter
 from lmtp_gateway.collectors import imap as imap_collector
 from lmtp_gateway.collectors.imap import ImapSettings
-from lmtp_gateway.config import Config, ConfigError
+from lmtp_gateway.config import Config
+from lmtp_gateway.errors import ConfigError
 from lmtp_gateway.journal import Journal, State
 from lmtp_gateway.service import Gateway
 from tests.conftest import (
@@ -411,7 +412,7 @@ def test_a_second_owner_of_the_journal_is_refused(tmp_path: Path) -> None:
     first = Journal(tmp_path / "spool")
     first.open()
     try:
-        from lmtp_gateway.journal import JournalError
+        from lmtp_gateway.errors import JournalError
 
         with pytest.raises(JournalError, match="in use by another lmtp-gateway process"):
             Journal(tmp_path / "spool").open()

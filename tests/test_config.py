@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from lmtp_gateway.config import ConfigError, load_config, parse_config, parse_duration, parse_size
+from lmtp_gateway.config import load_config, parse_config, parse_duration, parse_size
+from lmtp_gateway.errors import ConfigError
 
 GOOD = """
 gitlab:

@@ -10,8 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lmtp_gateway.config import ConfigError, load_config
+from lmtp_gateway.config import load_config
 from lmtp_gateway.config_import import import_file, read_gitlab_rb, render
+from lmtp_gateway.errors import ConfigError
 from tests.conftest import REPO, lmtp_gateway_command
 
 FIXTURE = REPO / "contrib" / "config" / "examples" / "gitlab.rb"

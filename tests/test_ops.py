@@ -14,7 +14,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from lmtp_gateway.config import ConfigError
+from lmtp_gateway.errors import ListenError
 from lmtp_gateway.metrics import Metrics
 from lmtp_gateway.ops import OpsServer
 from tests.conftest import (
@@ -91,7 +91,7 @@ async def test_metrics_count_what_happened_to_real_mail(
     assert sample(text, "lmtp_gateway_messages_received_total", ingress="lmtp") == 2  # the 552 never arrived whole
     assert sample(text, "lmtp_gateway_accepted_total", mailbox="incoming_email") == 1
     assert sample(text, "lmtp_gateway_accepted_total", mailbox="service_desk_email") == 1
-    assert sample(text, "lmtp_gateway_dropped_total", mailbox="incoming_email") == 1
+    assert sample(text, "lmtp_gateway_dropped_total", mailbox="incoming_email", reason="auto_generated") == 1
     assert sample(text, "lmtp_gateway_rejected_total", reason="unknown_address") == 1
     assert sample(text, "lmtp_gateway_rejected_total", reason="unknown_key") == 1
     assert sample(text, "lmtp_gateway_rejected_total", reason="too_large") == 2
@@ -224,7 +224,7 @@ async def test_a_busy_monitoring_port_stops_the_start_naming_the_key(
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        with pytest.raises(ConfigError) as refused:
+        with pytest.raises(ListenError) as refused:
             await start_gateway(make_config(tmp_path / "spool", monitoring={"listen": f"127.0.0.1:{port}"}))
     assert str(refused.value) == (
         f"monitoring.listen: cannot listen on 127.0.0.1:{port}: Address already in use; "

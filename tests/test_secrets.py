@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from cryptography.exceptions import InvalidTag
 
-from lmtp_gateway.config import ConfigError, load_config, parse_config
+from lmtp_gateway.config import load_config, parse_config
+from lmtp_gateway.errors import ConfigError
 from lmtp_gateway.secrets import (
     decrypt,
     derive_key,

@@ -10,7 +10,7 @@ from pathlib import Path
 import jwt
 import pytest
 
-from lmtp_gateway.config import ConfigError
+from lmtp_gateway.errors import ConfigError
 from lmtp_gateway.journal import State
 from lmtp_gateway.sinks import read_webhook_key, webhook_token
 from tests.conftest import REPLY_RCPT, StartGateway, eventually, mailroom_secret_file, make_config, numbered_message

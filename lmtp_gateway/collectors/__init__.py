@@ -13,10 +13,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 
-class SourceError(Exception):
-    """The mailbox cannot be used right now (network, server refusal, bad credentials): reconnect later."""
-
-
 @dataclass(frozen=True)
 class Ref:
     """One message waiting in a mailbox, as the source names it."""

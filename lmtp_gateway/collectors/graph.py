@@ -18,7 +18,8 @@ from urllib.parse import quote
 
 import httpx
 
-from lmtp_gateway.collectors import Ref, SourceError
+from lmtp_gateway.collectors import Ref
+from lmtp_gateway.errors import SourceError
 
 log = logging.getLogger(__name__)
 

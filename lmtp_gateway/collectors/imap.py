@@ -26,8 +26,9 @@ from typing import Any
 
 from aioimaplib import aioimaplib
 
-from lmtp_gateway.collectors import Ref, SourceError
+from lmtp_gateway.collectors import Ref
 from lmtp_gateway.collectors.graph import ClientCredentials
+from lmtp_gateway.errors import SourceError
 
 log = logging.getLogger(__name__)
 
