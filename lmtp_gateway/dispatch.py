@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from lmtp_gateway.journal import Entry, Journal, State
+from lmtp_gateway.journal import DamagedEntry, Entry, Journal, State
 from lmtp_gateway.metrics import Metrics
 from lmtp_gateway.sinks import Delivered, Outcome, Permanent, Sinks, Transient
 
@@ -148,12 +148,14 @@ class Dispatcher:
         while True:
             entry, raw = await self._ready.get()
             try:
-                if raw is None and not self.journal.exists(entry):  # finished meanwhile (a stale rescan)
+                async with self._budget.hold(entry.stored_size or entry.size):
+                    if raw is None:
+                        raw = await self._read(entry)
+                    outcome = None if raw is None else await self._attempt(entry, raw)
+                    raw = None
+                if outcome is None:  # finished meanwhile (a stale rescan), or found damaged and set aside
                     self._done(entry)
                     continue
-                async with self._budget.hold(entry.stored_size or entry.size):
-                    outcome = await self._attempt(entry, raw)
-                    raw = None
                 await self._record(entry, outcome)
             except OSError as error:  # the journal could not record it: keep the entry, try again later
                 log.error("journal: cannot record outcome of %s: %s", entry.id, error)
@@ -161,16 +163,23 @@ class Dispatcher:
             finally:
                 self._ready.task_done()
 
-    async def _attempt(self, entry: Entry, raw: bytes | None) -> Outcome:
+    async def _read(self, entry: Entry) -> bytes | None:
+        """The stored message, checked whole; None when there is nothing to deliver. A damaged entry is set aside
+        (quarantine/) rather than delivered as it is or retried for ever."""
+        try:
+            return await asyncio.to_thread(self.journal.read_message, entry)
+        except FileNotFoundError:
+            if not self.journal.exists(entry):
+                return None  # moved on meanwhile
+            problem = "message file missing"
+        except DamagedEntry as damage:
+            problem = str(damage)
+        await asyncio.to_thread(self.journal.set_aside, entry.id, entry.state, problem)
+        return None
+
+    async def _attempt(self, entry: Entry, raw: bytes) -> Outcome:
         if entry.mailbox is None:
             return Permanent("entry has no mailbox")
-        try:
-            if raw is None:
-                raw = await asyncio.to_thread(self.journal.read_message, entry)
-        except FileNotFoundError:
-            return Permanent("message file missing from the journal")
-        except OSError as error:
-            return Transient(f"journal read: {error.strerror}")
         try:
             sink = self.sinks[entry.mailbox]
         except KeyError:

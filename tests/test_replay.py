@@ -14,10 +14,11 @@ import pytest
 import yaml
 
 from lmtp_gateway import service
-from lmtp_gateway.journal import Draft, Entry, Journal, State
+from lmtp_gateway.journal import Entry, Journal, State
 from tests.conftest import (
     REPLY_RCPT,
     StartGateway,
+    draft,
     eventually,
     gateway_yaml,
     lmtp_gateway_command,
@@ -48,7 +49,7 @@ async def seed(spool: Path, state: State, count: int, mailbox: str = "incoming_e
             mail_from="a@b", rcpt=REPLY_RCPT, mailbox=mailbox, key="k", handler="create_note", source="envelope",
             reason="", size=10,
         )  # fmt: skip
-        await journal.commit([Draft(entry, b"", numbered_message(number))])
+        await journal.commit([draft(entry, b"", numbered_message(number))])
         if state is not State.PENDING:
             entry.last_error = "GitLab said no" if state is State.FAILED else None
             await journal.move(entry, state)
@@ -179,7 +180,7 @@ async def test_serve_takes_over_what_another_process_left_pending(
         mail_from="a@b", rcpt=REPLY_RCPT, mailbox="incoming_email", key="k", handler="create_note",
         source="envelope", reason="", size=10,
     )  # fmt: skip
-    await other.commit([Draft(entry, b"", numbered_message(1))])
+    await other.commit([draft(entry, b"", numbered_message(1))])
     other.close()
     dispatcher = running.gateway.dispatcher
     await eventually(lambda: dispatcher.stats.transient >= 1, what="a first attempt (Redis is down)")

@@ -1,0 +1,91 @@
+"""What a crash can leave in the journal, put right at start-up; and damaged entries, set aside in quarantine/.
+
+A crash can interrupt three things, and each leaves a mark recovery knows:
+
+* a commit before its flush: files under final names that were never acknowledged: an ``.eml`` without
+  metadata (removed), or a pending entry whose metadata is torn or whose ``.eml`` is shorter than recorded (set
+  aside: it was never acknowledged, but nothing that might be mail is ever deleted);
+* a state change between its two renames: the ``.json`` already in the new state's directory, the ``.eml``
+  still in the old one (moved to its ``.json``: the ``.json`` is the truth);
+* anything in tmp/ (removed by the caller: nothing there was ever acknowledged).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import TYPE_CHECKING
+
+from lmtp_gateway.journal.entry import Entry, State
+
+if TYPE_CHECKING:
+    from lmtp_gateway.journal.store import Journal
+
+log = logging.getLogger(__name__)
+
+
+def repair(journal: Journal) -> None:
+    where: dict[str, State] = {}
+    for state in State:
+        for entry_id in journal.ids(state):
+            where[entry_id] = state
+    for state in State:
+        for eml in journal.state_dir(state).glob("*.eml"):
+            owner = where.get(eml.stem)
+            if owner is None:
+                log.warning("journal: removing %s: never committed (no metadata)", eml)
+                eml.unlink()
+            elif owner is not state:
+                os.replace(eml, journal.state_dir(owner) / eml.name)
+    for entry_id, state in where.items():
+        if state is State.PENDING:  # only a commit cut short by a crash can be incomplete, and it is pending
+            problem = _check_size(journal, entry_id, state)
+            if problem is not None:
+                set_aside(journal, entry_id, state, problem)
+
+
+def _check_size(journal: Journal, entry_id: str, state: State) -> str | None:
+    """A cheap look at an entry (its size, not its checksum, which whoever reads the message checks)."""
+    directory = journal.state_dir(state)
+    try:
+        entry = Entry.from_json((directory / f"{entry_id}.json").read_bytes())
+        size = (directory / f"{entry_id}.eml").stat().st_size
+    except FileNotFoundError:
+        return "message file missing"
+    except (OSError, ValueError, TypeError):
+        return "metadata unreadable"
+    if size != entry.stored_size:
+        return f"message file has {size} bytes, {entry.stored_size} were committed"
+    return None
+
+
+def set_aside(journal: Journal, entry_id: str, state: State, problem: str) -> None:
+    journal.quarantine.mkdir(exist_ok=True, mode=0o750)
+    for suffix in (".json", ".eml"):
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(journal.state_dir(state) / f"{entry_id}{suffix}", journal.quarantine / f"{entry_id}{suffix}")
+    log.error(
+        "journal: entry %s (%s) set aside in %s: %s",
+        entry_id,
+        state,
+        journal.quarantine,
+        problem,
+        extra={"event": "quarantined", "journal_id": entry_id, "reason": problem},
+    )
+
+
+def diagnose(journal: Journal, entry_id: str) -> tuple[Entry | None, str | None]:
+    try:
+        entry = Entry.from_json((journal.quarantine / f"{entry_id}.json").read_bytes())
+    except FileNotFoundError:
+        return None, "metadata file missing"
+    except (OSError, ValueError, TypeError) as error:
+        return None, f"metadata unreadable ({error})"
+    try:
+        stored = (journal.quarantine / f"{entry_id}.eml").read_bytes()
+    except FileNotFoundError:
+        return entry, "message file missing"
+    except OSError as error:
+        return entry, f"message file unreadable ({error.strerror})"
+    return entry, entry.damage(stored)

@@ -1,0 +1,385 @@
+"""The journal's directories and what is done to entries in them: commit, state changes, reading, retention."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import fcntl
+import logging
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from lmtp_gateway.errors import JournalError, storage_error_text
+from lmtp_gateway.journal import recovery
+from lmtp_gateway.journal.entry import FINISHED, FORMAT, Draft, Entry, State
+from lmtp_gateway.journal.writer import Flushable, IOThread, start_writeback, write_all
+
+log = logging.getLogger(__name__)
+
+QUARANTINE = "quarantine"
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+
+
+class DamagedEntry(JournalError):
+    """An entry's files are not what was committed (cut short, changed, or its metadata unreadable)."""
+
+
+def _create(path: Path) -> int:
+    """A new file under `path`, replacing whatever had the name (a copy of the same entry committed by a session
+    that raced this one): never written into in place, since its inode may be another entry's body as well."""
+    try:
+        return os.open(path, _CREATE, 0o640)
+    except FileExistsError:
+        path.unlink()
+        return os.open(path, _CREATE, 0o640)
+
+
+def _link(source: Path, name: Path) -> None:
+    try:
+        os.link(source, name)
+    except FileExistsError:
+        name.unlink()
+        os.link(source, name)
+
+
+class Journal:
+    def __init__(self, root: Path, *, sync: str = "fsync") -> None:
+        self.root = root
+        self.sync = sync
+        self.tmp = root / "tmp"
+        self.quarantine = root / QUARANTINE
+        self._state_dirs = {state: root / state.value for state in State}  # asked for several times per message
+        self._io = IOThread(root, sync)
+        # ids whose commit is under way: their files exist under final names before they are durable
+        self._committing: collections.Counter[str] = collections.Counter()
+        self._owner_lock: int | None = None
+
+    # --- layout ---
+
+    def state_dir(self, state: State) -> Path:
+        return self._state_dirs[state]
+
+    def eml_path(self, entry: Entry) -> Path:
+        return self.state_dir(entry.state) / f"{entry.id}.eml"
+
+    def _json_path(self, entry: Entry) -> Path:
+        return self.state_dir(entry.state) / f"{entry.id}.json"
+
+    def ensure_layout(self) -> None:
+        """Create the directories; safe while a daemon uses the journal (unlike `open`)."""
+        for directory in (self.tmp, *(self.state_dir(s) for s in State)):
+            directory.mkdir(parents=True, exist_ok=True, mode=0o750)
+
+    def open(self) -> list[Entry]:
+        """For the journal's owner at start-up: create the layout, clear uncommitted files, repair interrupted
+        state changes, set aside what is damaged; return the pending entries."""
+        self.ensure_layout()
+        self._take_ownership()
+        for leftover in self.tmp.iterdir():
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+        recovery.repair(self)
+        return sorted(self.entries(State.PENDING), key=lambda e: e.received_at)
+
+    def _take_ownership(self) -> None:
+        """One owner per journal: a second `serve` or `collect` on the same spool would clear the first one's
+        files in tmp/ and race its repairs."""
+        # read-only: a file open for writing would keep the file system from being remounted read-only
+        lock = os.open(self.root / "owner.lock", os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock)
+            raise JournalError(
+                f"{self.root} is in use by another lmtp-gateway process (serve or collect); "
+                "give each process its own spool.path"
+            ) from None
+        self._owner_lock = lock
+
+    @property
+    def owned(self) -> bool:
+        return self._owner_lock is not None
+
+    # --- writing ---
+
+    def new_tmp(self) -> tuple[Path, BinaryIO]:
+        """A fresh file in tmp/ for a message too large to keep in memory while it arrives."""
+        path = self.tmp / f"{uuid.uuid4().hex}.data"
+        try:
+            return path, open(path, "xb")
+        except OSError as error:
+            raise JournalError(storage_error_text(error)) from error
+
+    def find(self, entry_id: str) -> Entry | None:
+        """The entry with this id in any state (the dedupe look-up): a name look-up per state directory, so its
+        cost does not grow with the entries kept."""
+        for state in State:
+            with contextlib.suppress(FileNotFoundError, ValueError, TypeError, OSError):
+                return self._load(self.state_dir(state) / f"{entry_id}.json", state)
+        return None
+
+    async def commit(self, drafts: list[Draft]) -> None:
+        """Make every draft visible in its state directory and durable, or raise JournalError.
+
+        The message is stored once for all the drafts that share it: written (or, when it arrived into tmp/, linked)
+        under the first draft's name, and hard-linked under the others'. Then each draft's metadata. Everything is
+        flushed with the rest of the I/O thread's round; no temporary names, because creating a file is the
+        costliest step there is. A crash before the flush can leave an entry cut short; it was never acknowledged,
+        and recovery sets it aside (torn metadata, or a size that does not match).
+        """
+        if not drafts:
+            return
+        shared: dict[int, list[Draft]] = {}
+        for draft in drafts:
+            shared.setdefault(id(draft.body), []).append(draft)
+        try:
+            for group in shared.values():
+                body = group[0].body
+                size = len(body) if isinstance(body, bytes) else body.stat().st_size
+                for draft in group:
+                    entry = draft.entry
+                    entry.format, entry.stored_size, entry.sha256 = FORMAT, size, draft.digest.hex()
+                    entry.prepend = draft.prefix.decode()
+        except OSError as error:  # the spilled body of a large message is gone
+            raise JournalError(storage_error_text(error)) from error
+        bodies = [(group[0].body, [self.eml_path(d.entry) for d in group]) for group in shared.values()]
+        metadata = [(self._json_path(d.entry), d.entry.to_json()) for d in drafts]
+        directories = {self.state_dir(d.entry.state) for d in drafts}
+        writeback = start_writeback if self.sync == "fsync" else None
+
+        def work() -> Flushable:
+            flushable = Flushable(directories=directories)
+
+            def opened(descriptor: int) -> int:
+                flushable.files.append(descriptor)
+                return descriptor
+
+            try:
+                for body, (first, *others) in bodies:
+                    if isinstance(body, Path):
+                        _link(body, first)
+                        descriptor = opened(os.open(first, os.O_RDONLY | os.O_CLOEXEC))
+                    else:
+                        write_all(descriptor := opened(_create(first)), body)
+                    if writeback is not None:
+                        writeback(descriptor)
+                    for name in others:
+                        _link(first, name)
+                for path, data in metadata:
+                    write_all(descriptor := opened(_create(path)), data)
+                    if writeback is not None:
+                        writeback(descriptor)
+            except BaseException:
+                for descriptor in flushable.files:
+                    os.close(descriptor)
+                raise
+            return flushable
+
+        def undo() -> None:
+            for path in [p for _, names in bodies for p in names] + [p for p, _ in metadata]:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+
+        ids = [draft.entry.id for draft in drafts]
+        self._committing.update(ids)
+        try:
+            await self._io.run(work, durable=True, undo=undo)
+        except OSError as error:
+            raise JournalError(storage_error_text(error)) from error
+        finally:
+            for entry_id in ids:
+                self._committing[entry_id] -= 1
+                if not self._committing[entry_id]:
+                    del self._committing[entry_id]
+
+    def committing(self, entry_id: str) -> bool:
+        """Is a commit of this entry under way (its files there, not yet durable: nobody may deliver it yet)?"""
+        return self._committing[entry_id] > 0
+
+    def _replace_metadata(self, entry: Entry, data: bytes) -> int:
+        """Atomically (tmp + rename), so readers never see half a .json; returns the open new file."""
+        tmp = self.tmp / f"{entry.id}.{uuid.uuid4().hex[:8]}.json"
+        descriptor = os.open(tmp, _CREATE, 0o640)
+        try:
+            write_all(descriptor, data)
+            os.replace(tmp, self._json_path(entry))
+        except BaseException:
+            os.close(descriptor)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        return descriptor
+
+    def discard(self, path: Path) -> None:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+    async def update(self, entry: Entry) -> None:
+        """Rewrite an entry's metadata (attempts, last error); not flushed: losing it loses no mail."""
+        data = entry.to_json()
+        await self._io.run(lambda: Flushable([self._replace_metadata(entry, data)]), durable=False)
+
+    async def move(self, entry: Entry, state: State, *, durable: bool = False) -> None:
+        """Change an entry's state: the .json is renamed first (it is the truth), the .eml follows, then the
+        metadata is brought up to date in place (finished entries' metadata is informational: no new file).
+        A dead letter's metadata must survive anything: it is replaced atomically and flushed."""
+        old_json, old_eml = self._json_path(entry), self.eml_path(entry)
+        entry.state = state
+        entry.finished_at = time.time() if state in FINISHED else None
+        new_json, new_eml = self._json_path(entry), self.eml_path(entry)
+        data = entry.to_json()
+
+        def work() -> Flushable:
+            if old_json != new_json:
+                os.replace(old_json, new_json)
+                os.replace(old_eml, new_eml)
+            if durable:
+                return Flushable([self._replace_metadata(entry, data)], {new_json.parent})
+            descriptor = os.open(new_json, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                write_all(descriptor, data)
+                os.ftruncate(descriptor, len(data))
+            finally:
+                os.close(descriptor)
+            return Flushable()
+
+        await self._io.run(work, durable=durable)
+
+    # --- reading ---
+
+    def entries(self, *states: State) -> Iterator[Entry]:
+        for state in states or tuple(State):
+            yield from self.load_all(state, self.ids(state))
+
+    def ids(self, state: State) -> list[str]:
+        """The ids of the entries in `state`, from the directory listing alone."""
+        return [name[: -len(".json")] for name in _names(self.state_dir(state)) if name.endswith(".json")]
+
+    def load_all(self, state: State, entry_ids: list[str]) -> list[Entry]:
+        """Those of `entry_ids` still in `state` (any may have moved on meanwhile). The journal's owner sets aside
+        a pending entry whose metadata it cannot read (damaged since it was committed), so that it is shown as
+        such rather than skipped in silence at every look."""
+        found = []
+        for entry_id in entry_ids:
+            path = self.state_dir(state) / f"{entry_id}.json"
+            try:
+                found.append(self._load(path, state))
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError, TypeError) as error:
+                if self.owned and state is State.PENDING and not self.committing(entry_id):
+                    self.set_aside(entry_id, state, f"metadata unreadable ({error})")
+                else:
+                    log.error("journal: unreadable metadata %s: %s", path, error)
+        return found
+
+    @staticmethod
+    def _load(path: Path, state: State) -> Entry:
+        entry = Entry.from_json(path.read_bytes())
+        entry.state = state  # where the file is decides, should a crash have left older content behind
+        return entry
+
+    def exists(self, entry: Entry) -> bool:
+        """Is `entry` still where its state says (not finished meanwhile by another worker or process)?"""
+        return self._json_path(entry).exists()
+
+    def read_message(self, entry: Entry) -> bytes:
+        """The message as GitLab gets it, checked against what was committed; DamagedEntry if it is not whole."""
+        stored = self.eml_path(entry).read_bytes()
+        problem = entry.damage(stored)
+        if problem is not None:
+            raise DamagedEntry(problem)
+        return entry.message(stored)
+
+    # --- entries set aside ---
+
+    def set_aside(self, entry_id: str, state: State, problem: str) -> None:
+        """Move a damaged entry out of the way into quarantine/, where `spool`, the metrics, /readyz and `check`
+        show it, and `replay --quarantined` brings it back once repaired."""
+        recovery.set_aside(self, entry_id, state, problem)
+
+    def quarantined(self) -> list[str]:
+        """The ids of the entries set aside."""
+        return sorted({name.rpartition(".")[0] for name in _names(self.quarantine) if name.endswith((".json", ".eml"))})
+
+    def diagnose(self, entry_id: str) -> tuple[Entry | None, str | None]:
+        """A set-aside entry's metadata (None if unreadable) and what is still wrong with it (None: it is whole)."""
+        return recovery.diagnose(self, entry_id)
+
+    async def restore(self, entry_id: str) -> Entry:
+        """Bring a repaired entry back from quarantine/ as pending; DamagedEntry if it is still not whole."""
+        entry, problem = self.diagnose(entry_id)
+        if entry is None or problem is not None:
+            raise DamagedEntry(problem or "metadata unreadable")
+        source = (self.quarantine / f"{entry_id}.json", self.quarantine / f"{entry_id}.eml")
+        entry.state = State.PENDING
+        entry.extra["restored_at"] = time.time()
+        data = entry.to_json()
+
+        def work() -> Flushable:
+            os.replace(source[1], self.eml_path(entry))
+            os.replace(source[0], self._json_path(entry))
+            return Flushable([self._replace_metadata(entry, data)], {self.state_dir(State.PENDING), self.quarantine})
+
+        await self._io.run(work, durable=True)
+        return entry
+
+    # --- retention ---
+
+    def expire(self, retention: float, now: float | None = None) -> int:
+        """Remove finished entries older than `retention` seconds; pending entries are never removed."""
+        cutoff = (now if now is not None else time.time()) - retention
+        removed = 0
+        for entry in self.entries(*FINISHED):
+            if (entry.finished_at or entry.received_at) < cutoff:
+                for path in (self._json_path(entry), self.eml_path(entry)):
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
+                removed += 1
+        return removed
+
+    # --- health ---
+
+    def free_bytes(self) -> int:
+        """Space left for the journal (what an unprivileged process may use)."""
+        info = os.statvfs(self.root)
+        return info.f_bavail * info.f_frsize
+
+    def probe(self, min_free: int = 0) -> str | None:
+        """Can a message be committed now? Creates, fsyncs and removes a small file in tmp/ (so a read-only or
+        full file system shows even for root) and wants `min_free` bytes left. None if so, else the reason."""
+        path = (self.tmp if self.tmp.is_dir() else self.root) / f"probe-{uuid.uuid4().hex}"
+        try:
+            with open(path, "xb") as handle:
+                handle.write(b"probe\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            path.unlink()
+            free = self.free_bytes()
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            return f"{storage_error_text(error)}: {self.root}"
+        if free < min_free:
+            return f"journal disk nearly full: {free // 2**20} MiB free in {self.root}, under {min_free // 2**20} MiB"
+        return None
+
+    def close(self) -> None:
+        self._io.close()
+        if self._owner_lock is not None:
+            os.close(self._owner_lock)
+            self._owner_lock = None
+
+
+def _names(directory: Path) -> list[str]:
+    try:
+        return os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    except OSError as error:  # a rescan or a retention sweep must not end the daemon over this
+        log.error("journal: cannot list %s: %s", directory, storage_error_text(error))
+        return []
