@@ -15,25 +15,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import grp
 import hashlib
 import logging
-import os
 import re
 import socket
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import Envelope, Session
 
+from lmtp_gateway.errors import JournalError, storage_error_text
 from lmtp_gateway.intake import HEAD_LIMIT, Acceptance, Intake, Received
-from lmtp_gateway.journal import Journal, JournalError, describe_os_error
+from lmtp_gateway.journal import Journal, State
+from lmtp_gateway.listen import Address
 from lmtp_gateway.rules import RoutingTable, match_recipient
+from lmtp_gateway.smtp_adapter import LmtpAdapter
 
 log = logging.getLogger(__name__)
 
+# RFC 5321 4.5.3.1.4: 512 for a command line; RFC 1870 adds 26 for SIZE= and RFC 6531 10 for SMTPUTF8.
+MAIL_LINE_LIMIT = 512 + 26 + 10
 MAX_LINE = 1000  # RFC 5321 4.5.3.1.6: 998 octets + CRLF; Postfix's LMTP client folds longer lines itself
 READ_SIZE = 256 * 1024
 SPILL_SIZE = 1 << 20  # messages up to this size stay in memory until they are committed
@@ -108,24 +109,28 @@ def with_enhanced_code(reply: str) -> str:
     return f"{reply[:3]}{separator}{_ENHANCED_FOR[reply[:3]]} {text}".rstrip()
 
 
+_DROPPED_REPLIES = {
+    "auto_generated": "discarded: auto-generated",
+    "gitlab_fails": "discarded: GitLab's receiver cannot process it",
+}
+
+
 def data_reply(acceptance: Acceptance, rcpt: str) -> str:
-    """The per-recipient reply after DATA (the table in ../shared/DESIGN.md)."""
+    """The per-recipient reply after DATA (the table in the README)."""
     verdict, entry = acceptance.verdict, acceptance.entry
     if verdict.verdict == "reject":
         return f"550 5.1.1 <{rcpt}> {verdict.reason}"
     assert entry is not None
     if acceptance.duplicate:
         return f"250 2.0.0 <{rcpt}> {entry.id} already queued"
-    if verdict.verdict == "drop":
-        return f"250 2.0.0 <{rcpt}> {entry.id} discarded: auto-generated"
+    if entry.duplicate_of is not None:
+        return f"250 2.0.0 <{rcpt}> {entry.id} same GitLab target as {entry.duplicate_of}: delivered once"
+    if entry.state is State.DROPPED:
+        return f"250 2.0.0 <{rcpt}> {entry.id} {_DROPPED_REPLIES.get(entry.drop or '', 'discarded')}"
     return f"250 2.0.0 <{rcpt}> {entry.id} queued"
 
 
-_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_PLAIN_PATH = re.compile(rf"\s*<({_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>(\s.*|)\Z", re.DOTALL)
-
-
-class LmtpSession(LMTP):
+class LmtpSession(LmtpAdapter):
     """One LMTP connection. aiosmtpd drives the command loop; this class fixes what LMTP needs."""
 
     # The stream reader's buffer limit: large, so DATA is read in big chunks (command lines are still limited
@@ -150,21 +155,6 @@ class LmtpSession(LMTP):
             status = with_enhanced_code(status)
         await super().push(status)
 
-    async def _push_raw(self, lines: Iterable[str]) -> None:
-        """Several reply lines in one write (LHLO, per-recipient replies): one packet, one drain."""
-        assert self._writer is not None
-        self._writer.write("".join(f"{line}\r\n" for line in lines).encode("utf-8", "surrogateescape"))
-        await self._writer.drain()
-
-    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        """The common `<local@domain> PARAMS` without the stdlib's full RFC 5322 parser, which cost about a
-        tenth of a millisecond per command; anything unusual (quoted local parts, address literals, <>) still
-        goes to aiosmtpd's own parser."""
-        found = _PLAIN_PATH.match(arg)
-        if found is None or self.local_part_limit:
-            return super()._getaddr(arg)
-        return found.group(1), found.group(2).lstrip()
-
     async def handle_exception(self, error: Exception) -> str:
         log.exception("lmtp: internal error in session with %s", self.session.peer if self.session else "?")
         return "451 4.3.0 Internal error, try again later"
@@ -173,12 +163,12 @@ class LmtpSession(LMTP):
         if not hostname:
             await self.push("501 5.5.4 Syntax: LHLO hostname")
             return
-        self._set_rset_state()
+        self.start_transaction()
         assert self.session is not None
         self.session.host_name = hostname
         self.session.extended_smtp = True
-        self.command_size_limits["MAIL"] = 512 + 26 + 10
-        await self._push_raw(
+        self.set_command_limit("MAIL", MAIL_LINE_LIMIT)
+        await self.write_lines(
             [
                 f"250-{self.hostname}",
                 "250-PIPELINING",
@@ -209,10 +199,10 @@ class LmtpSession(LMTP):
             mail_from = "" if envelope.mail_from == "<>" else envelope.mail_from  # the null sender
             replies = await self._receive_and_commit(mail_from, rcpts)
             assert len(replies) == len(rcpts)
-            await self._push_raw(replies)
+            await self.write_lines(replies)
         finally:
             self.busy = False
-            self._set_post_data_state()
+            self.end_transaction()
             self.server.session_idle.set()
 
     async def _receive_and_commit(self, mail_from: str, rcpts: list[str]) -> list[str]:
@@ -265,10 +255,10 @@ class LmtpSession(LMTP):
         size = 0
         problem: str | None = None
         while not decoder.done:
-            chunk = await self._reader.read(READ_SIZE)
+            chunk = await self.read_some(READ_SIZE)
             if not chunk:
                 raise ConnectionResetError("client closed the connection during DATA")
-            self._reset_timeout()  # the timeout is for an idle client, not for a long message
+            self.still_active()
             data = decoder.feed(chunk)
             size += len(data)
             if decoder.line_too_long and problem is None:
@@ -279,7 +269,7 @@ class LmtpSession(LMTP):
                 digest.update(data)
                 problem = spool.write(data)
         if decoder.leftover:  # commands pipelined past the end of DATA: give them back to the command loop
-            self._reader._buffer[:0] = decoder.leftover  # type: ignore[attr-defined]
+            self.unread(decoder.leftover)
         body, trouble = spool.finish()
         problem = problem or trouble
         if problem:
@@ -314,7 +304,7 @@ class _DataSpool:
         except JournalError as error:
             return str(error)
         except OSError as error:
-            return describe_os_error(error)
+            return storage_error_text(error)
         return None
 
     def finish(self) -> tuple[bytes | Path, str | None]:
@@ -325,7 +315,7 @@ class _DataSpool:
         try:
             self.handle.close()  # flushes: a full disk may only show here
         except OSError as error:
-            return b"", describe_os_error(error)
+            return b"", storage_error_text(error)
         assert self.path is not None
         return self.path, None
 
@@ -402,28 +392,13 @@ class LmtpServer:
 
     async def listen(self, spec: str, *, socket_mode: int = 0o660, socket_group: str | None = None) -> str:
         """Start one listener: ``HOST:PORT`` (port 0 picks a free one) or ``unix:PATH``. Returns its address."""
-        loop = asyncio.get_running_loop()
-        if spec.startswith("unix:"):
-            path = Path(spec.removeprefix("unix:"))
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(FileNotFoundError):
-                if path.is_socket():
-                    path.unlink()
-            server = await loop.create_unix_server(self._factory, str(path))
-            os.chmod(path, socket_mode)
-            if socket_group:
-                os.chown(path, -1, grp.getgrnam(socket_group).gr_gid)
-            address = f"unix:{path}"
-        else:
-            host, _, port = spec.rpartition(":")
-            host = host.strip("[]") or "127.0.0.1"
-            server = await loop.create_server(self._factory, host, int(port), reuse_address=True)
-            bound = server.sockets[0].getsockname()
-            address = f"{host}:{bound[1]}"
+        server, bound = await Address.parse(spec).serve(
+            self._factory, key="lmtp.listen", socket_mode=socket_mode, socket_group=socket_group
+        )
         self.servers.append(server)
-        self.addresses.append(address)
-        log.info("listening on %s", address, extra={"event": "listening", "address": address})
-        return address
+        self.addresses.append(str(bound))
+        log.info("listening on %s", bound, extra={"event": "listening", "address": str(bound)})
+        return str(bound)
 
     async def shutdown(self, grace: float = 30.0) -> None:
         """Stop accepting, let transactions in DATA finish (up to `grace` seconds), close idle sessions."""
@@ -444,6 +419,4 @@ class LmtpServer:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 5)
         for address in self.addresses:
-            if address.startswith("unix:"):
-                with contextlib.suppress(OSError):
-                    os.unlink(address.removeprefix("unix:"))
+            Address.parse(address).remove()
