@@ -8,6 +8,7 @@ shows the value of a secret.
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -17,7 +18,16 @@ from typing import Any
 
 import yaml
 
-from lmtp_gateway.rules import MAILBOX_TYPES, AddressTemplate, RoutingTable, TemplateError
+from lmtp_gateway.errors import ConfigError, TemplateError
+from lmtp_gateway.rules import (
+    INCOMING_EMAIL,
+    MAILBOX_TYPES,
+    SERVICE_DESK_EMAIL,
+    AddressTemplate,
+    RoutingTable,
+    classify_key,
+)
+from lmtp_gateway.secrets import resolve_secrets
 
 ENV_CONFIG = "LMTP_GATEWAY_CONFIG"
 DEFAULT_LISTEN = "127.0.0.1:2424"
@@ -28,10 +38,6 @@ DEFAULT_RETENTION = 7 * 86400
 DELIVERY_METHODS = ("sidekiq", "webhook", "maildir")
 TIMESTAMP_STYLES = ("sidekiq7", "sidekiq8")
 SYNC_METHODS = ("fsync", "syncfs", "off")
-
-
-class ConfigError(Exception):
-    """A configuration problem, phrased so the admin knows what to fix."""
 
 
 # --- value checkers: each takes (value) and returns the converted value or raises ValueError(message) ---
@@ -129,6 +135,24 @@ def monitoring_listen_option(value: str, where: str) -> str:
         return _http_listen(value)
     except ValueError as error:
         raise ConfigError(f"{where}: {error}") from None
+
+
+def _custom_emails(value: Any) -> dict[str, str]:
+    """Service Desk custom email addresses (GitLab 16.4+), each with its project's Service Desk key."""
+    if not isinstance(value, dict):
+        raise ValueError("expected address: project key pairs, such as support@example.com: group-project-42-issue-")
+    result = {}
+    for address, key in value.items():
+        address, key = _string(address), _string(key)
+        if "@" not in address:
+            raise ValueError(f"{address!r} is not an email address")
+        if not key.endswith("-issue-") or classify_key(key) != "service_desk":
+            raise ValueError(
+                f"{address}: {key!r} is not a project's Service Desk key (such as group-project-42-issue-: the key in "
+                "the project's Service Desk address)"
+            )
+        result[address] = key
+    return result
 
 
 def _sentinels(value: Any) -> tuple[tuple[str, int], ...]:
@@ -234,6 +258,7 @@ SCHEMA: Schema = {
     "spool": {"path": _string, "retention": parse_duration, "sync": _sync_method},
     "encrypted_settings_key_file": _string,  # GitLab's encrypted_settings_key_base, for encrypted_secret_file
     "monitoring": {"listen": _http_listen, "collect_listen": _http_listen},
+    "custom_emails": _custom_emails,
 }
 
 
@@ -331,15 +356,17 @@ class Config:
     warnings: tuple[str, ...] = ()
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
     redis_given: bool = False  # a redis: section, so Redis is there even for webhook or maildir delivery
+    custom_emails: Mapping[str, str] = field(default_factory=dict)  # Service Desk custom email → project key
 
     @property
     def uses_redis(self) -> bool:
         """Sidekiq delivery needs it; collectors arbitrate there whenever it is given."""
         return self.redis_given or any(m.delivery_method == "sidekiq" for m in self.mailboxes.values())
 
-    @property
+    @functools.cached_property
     def routing(self) -> RoutingTable:
-        return RoutingTable(self.gitlab_host, tuple((m.name, m.template) for m in self.mailboxes.values()))
+        mailboxes = tuple((m.name, m.template) for m in self.mailboxes.values())
+        return RoutingTable(self.gitlab_host, mailboxes, self.custom_emails)
 
 
 def default_spool_path() -> Path:
@@ -434,8 +461,6 @@ def _from_gitlab_yml(data: dict[str, Any], source: str, warnings: list[str]) -> 
 
 
 def _build(data: dict[str, Any], source: str, default_delivery: str, warnings: tuple[str, ...]) -> Config:
-    from lmtp_gateway.secrets import resolve_secrets  # secrets.py raises this module's ConfigError
-
     data = resolve_secrets(data, source, MAILBOX_TYPES)
     gitlab = data.get("gitlab", {})
     mailboxes: dict[str, MailboxConfig] = {}
@@ -471,6 +496,12 @@ def _build(data: dict[str, Any], source: str, default_delivery: str, warnings: t
             f"{source}: incoming_email: no enabled mailbox; give incoming_email.address "
             "and/or service_desk_email.address"
         )
+    incoming = mailboxes.get(INCOMING_EMAIL)
+    if SERVICE_DESK_EMAIL in mailboxes and incoming is not None and not incoming.template.has_key:
+        warnings += (
+            f"{source}: service_desk_email: GitLab's Service Desk works only with an incoming_email address that "
+            "has %{key}; with the dedicated address of incoming_email, GitLab finds no project for Service Desk mail",
+        )
     spool = data.get("spool", {})
     return Config(
         source=source,
@@ -488,4 +519,5 @@ def _build(data: dict[str, Any], source: str, default_delivery: str, warnings: t
         warnings=warnings,
         monitoring=MonitoringConfig(**data.get("monitoring", {})),
         redis_given="redis" in data,
+        custom_emails=data.get("custom_emails", {}),
     )

@@ -1,9 +1,20 @@
-"""The header block of a raw message, read the forgiving way a mail server must.
+"""The header of a message, read the way GitLab's mail library reads it (docs/gitlab-rules.md §3).
 
-GitLab routes on headers only, so this is all of the message the rules ever see. It never raises: any byte
-sequence gives some (possibly empty) list of headers. CRLF and bare LF line endings are both accepted, folded
-lines are unfolded, and bytes that are not UTF-8 are read as Latin-1 so that no header is lost to decoding.
-Everything is linear in the size of the input.
+GitLab routes on headers only, and reads them with Ruby's mail gem (2.8, the version GitLab pins). Where a
+mail server's forgiving reading and the gem's differ, the gem decides where the message goes, so this module
+follows the gem:
+
+* a leading mbox ``From `` line is removed, then leading white space (blank lines included) is skipped;
+* the header ends at the first empty line: ``\\r?\\n\\r?\\n`` (a line of spaces does not end it);
+* line breaks are CRLF, LF or a bare CR; a line starting with a space or a tab continues the field, and
+  unfolding removes only the line break (``a\\r\\n  b`` is ``a  b``);
+* only the first 1000 lines (fields, and lines that are no field) are read;
+* a line without a colon, or whose name is not printable ASCII, is skipped;
+* values are stripped of ASCII white space only (a non-breaking space stays);
+* To, Cc, References and the other singular fields keep one occurrence: the last one that parses, else the
+  first.
+
+It never raises, and the time is linear in the size of the input.
 """
 
 from __future__ import annotations
@@ -11,63 +22,114 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-# RFC 5322 field names are printable ASCII without colon; be a little wider and accept any byte but
-# whitespace, colon and control characters, as real mail carries odd names.
-_FIELD_NAME = re.compile(rb"[^\x00-\x20\x7f:]+")
+from lmtp_gateway.addresses import RUBY_WHITESPACE, decode_words, parse_address_list, parse_message_ids, ruby_strip
+
+MAX_FIELDS = 1000  # Mail::Header.maximum_amount
+
+_MBOX_FROM = re.compile(r"From[\t\n\v\f\r ]+[^:\t\n\v\f\r ][\x01-\x08\x0b\x0c\x0e-\x7f]*\r?\n")
+# the same on bytes: the one character after the spaces may be a UTF-8 sequence, as it is one character to Ruby
+_MBOX_FROM_BYTES = re.compile(
+    rb"From[\t\n\v\f\r ]+(?:[^:\t\n\v\f\r \x80-\xff]|[\xc2-\xf4][\x80-\xbf]{1,3})[\x01-\x08\x0b\x0c\x0e-\x7f]*\r?\n"
+)
+_RUBY_WHITESPACE_BYTES = RUBY_WHITESPACE.encode()
+_HEADER_END = re.compile(r"\r?\n\r?\n")
+_BARE_LINE_END = re.compile(r"(?<!\r)\n|\r(?!\n)")
+_FIELD_SPLIT = re.compile(r"\r?\n(?![\t ])")
+_FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")
+_FOLD = re.compile(r"\r?\n([\t ])")
+
+AddressField = list[str | None] | str | None  # the gem's answer: addresses, or the raw value it could not parse
+IdField = list[str] | str | None
 
 
 @dataclass(frozen=True, slots=True)
-class Headers:
-    """Header fields in message order; look-ups are case-insensitive on the name."""
+class Header:
+    """Fields in message order, as (name, value); names are compared without regard to ASCII case. `lines` is the
+    line (of the first MAX_FIELDS read) each field starts on, for `below`."""
 
     fields: tuple[tuple[str, str], ...]
+    lines: tuple[int, ...] = ()
+    folded: tuple[str | None, ...] = ()  # each value before unfolding, where unfolding changed it
 
-    def get_all(self, name: str) -> list[str]:
-        """Every value of the field `name`, unfolded and stripped, in header order."""
+    def below(self, prepended: Header, count: int) -> Header:
+        """The header of this message with `prepended` (`count` lines) put before it: what the gem reads in a
+        copy that starts with the gateway's Return-Path and Delivered-To, without reading the message again."""
+        kept = [i for i, line in enumerate(self.lines) if line + count < MAX_FIELDS]
+        return Header(
+            prepended.fields + tuple(self.fields[i] for i in kept),
+            prepended.lines + tuple(self.lines[i] + count for i in kept),
+            prepended.folded + tuple(self.folded[i] for i in kept),
+        )
+
+    def _occurrences(self, name: str) -> list[tuple[str, str]]:
+        """(value, value as written) of each occurrence: a field the gem cannot parse keeps its line breaks."""
+        wanted = name.lower()
+        return [
+            (value, self.folded[i] or value) for i, (field, value) in enumerate(self.fields) if field.lower() == wanted
+        ]
+
+    def values(self, name: str) -> list[str]:
+        """Every value of the field `name`, in order (the gem's ``Array(mail[:name]).map(&:value)``)."""
         wanted = name.lower()
         return [value for field, value in self.fields if field.lower() == wanted]
 
+    def addresses(self, name: str) -> AddressField:
+        """``mail.to``, ``mail.cc``: None without the field, the addresses of the occurrence that counts, or its
+        raw value (encoded words decoded) where none parses."""
+        occurrences = self._occurrences(name)
+        for value, _ in reversed(occurrences):
+            parsed = parse_address_list(value)
+            if parsed is not None:
+                return parsed
+        return decode_words(occurrences[0][1]) if occurrences else None
 
-def header_block(raw: bytes) -> bytes:
-    """The bytes before the first empty line (the whole input when there is none)."""
-    if raw.startswith((b"\n", b"\r\n")):
-        return b""
-    ends = [i for i in (raw.find(b"\n\n"), raw.find(b"\n\r\n")) if i >= 0]
-    return raw[: min(ends) + 1] if ends else raw
+    def message_ids(self, name: str) -> IdField:
+        """``mail.references``: None without the field, one id as a plain string, several as a list, or the raw
+        value where none parses."""
+        occurrences = self._occurrences(name)
+        for value, _ in reversed(occurrences):
+            ids = parse_message_ids(value)
+            if ids is not None:
+                return ids[0] if len(ids) == 1 else ids
+        return decode_words(occurrences[0][1]) if occurrences else None
 
 
-def _decode(value: bytes) -> str:
+def header_text(raw: str) -> str:
+    """The part of a message the gem reads as its header."""
+    mbox = _MBOX_FROM.match(raw)
+    if mbox is not None:
+        raw = raw[mbox.end() :]
+    raw = raw.lstrip(RUBY_WHITESPACE)
+    end = _HEADER_END.search(raw)
+    return raw if end is None else raw[: end.start()]
+
+
+def read_header(raw: bytes) -> Header:
+    """The header of `raw`. A message that is not UTF-8 (GitLab only gets UTF-8: see ``eightbit``) is read the way
+    the gem reads bytes: a bare CR is then no line break."""
     try:
-        return value.decode("utf-8")
+        text = header_text(raw.decode("utf-8"))
+        text = _BARE_LINE_END.sub("\r\n", text).lstrip(RUBY_WHITESPACE)
     except UnicodeDecodeError:
-        return value.decode("latin-1")
-
-
-def parse_headers(raw: bytes) -> Headers:
-    """Split `raw` into unfolded (name, value) pairs; lines that are neither a field nor a continuation
-    (an mbox ``From `` line, garbage) are skipped, as Ruby's Mail gem does."""
+        text = header_text(raw.decode("utf-8", "surrogateescape"))
     fields: list[tuple[str, str]] = []
-    name: bytes | None = None
-    parts: list[bytes] = []
+    lines: list[int] = []
+    folded: list[str | None] = []
+    for line, piece in enumerate(_FIELD_SPLIT.split(text, MAX_FIELDS)[:MAX_FIELDS]):
+        name, colon, value = piece.partition(":")
+        name = name.rstrip(RUBY_WHITESPACE)
+        if colon and _FIELD_NAME.fullmatch(name):
+            value = ruby_strip(value)
+            unfolded = _FOLD.sub(r"\1", value)
+            fields.append((name, unfolded))
+            lines.append(line)
+            folded.append(value if unfolded != value else None)
+    return Header(tuple(fields), tuple(lines), tuple(folded))
 
-    def flush() -> None:
-        if name is not None:
-            fields.append((_decode(name), _decode(b" ".join(parts)).strip()))
 
-    for line in header_block(raw).split(b"\n"):
-        line = line.removesuffix(b"\r")
-        if not line:
-            continue
-        if line[:1] in (b" ", b"\t"):
-            if name is not None:
-                parts.append(line.strip())
-            continue
-        colon = line.find(b":")
-        candidate = line[:colon].rstrip(b" \t") if colon > 0 else b""
-        flush()
-        if candidate and _FIELD_NAME.fullmatch(candidate):
-            name, parts = candidate, [line[colon + 1 :].strip()]
-        else:
-            name, parts = None, []
-    flush()
-    return Headers(tuple(fields))
+def header_start(raw: bytes) -> int:
+    """Where the header starts as the gem sees it: past a leading mbox ``From `` line and white space. A copy
+    the gateway prepends headers to must start there, or the gem would read the copy differently."""
+    mbox = _MBOX_FROM_BYTES.match(raw)
+    skipped = mbox.end() if mbox is not None else 0
+    return len(raw) - len(raw[skipped:].lstrip(_RUBY_WHITESPACE_BYTES))

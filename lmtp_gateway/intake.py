@@ -1,12 +1,17 @@
-"""Intake: route one received message for each of its recipients, commit it to the journal, hand it on.
+"""Intake: GitLab's verdict on each copy of a received message, one job per GitLab target, the journal, the hand-on.
 
 Every way in (LMTP, replay, the collectors) ends here, so the rules, the dedupe and the journal are applied the
 same way whatever the source. What comes back is one ``Acceptance`` per recipient, in order, for the caller to
 turn into its own answer (an LMTP reply, an IMAP flag, a line of ``replay`` output).
+
+Each copy's verdict is GitLab's reading of that copy (``rules.copy_verdict``). Copies that GitLab would route
+the same way (same mailbox and key), within one transaction or across several, make one entry to deliver: the
+first; the others are journaled as dropped, naming it. GitLab, given both, would act twice on one target.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
@@ -14,14 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmtp_gateway.dispatch import Dispatcher
-from lmtp_gateway.headers import parse_headers
+from lmtp_gateway.headers import Header, read_header
 from lmtp_gateway.journal import ID_LENGTH, Draft, Entry, Journal, State, envelope_headers, fingerprint
 from lmtp_gateway.metrics import Metrics
-from lmtp_gateway.rules import RoutingTable, Verdict, match_recipient, route
+from lmtp_gateway.rules import REASON_BLANK, RoutingTable, Verdict, copy_verdict, gitlab_verdict, match_recipient, route
 
 log = logging.getLogger(__name__)
 
 HEAD_LIMIT = 1 << 20  # the rules read headers only; keep at most this much of a message for them
+ROUTE_INLINE_LIMIT = 64 * 1024  # a header larger than this is read in a thread: the event loop serves others meanwhile
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,11 @@ class Received:
     size: int
 
 
+def target_fingerprint(digest: bytes, mailbox: str, key: str) -> str:
+    """The identity of what GitLab will do with a copy: this message, this mailbox's worker, this key."""
+    return fingerprint(digest, mailbox, "\0" + key)
+
+
 class Intake:
     def __init__(
         self, table: RoutingTable, journal: Journal, dispatcher: Dispatcher | None, metrics: Metrics | None = None
@@ -50,12 +61,6 @@ class Intake:
         self.journal = journal
         self.dispatcher = dispatcher
         self.metrics = metrics or (dispatcher.metrics if dispatcher is not None else Metrics())
-
-    def _mailbox_of(self, rcpt: str | None, watched: str | None) -> str | None:
-        """The mailbox a dropped copy was addressed to (the rules stop at "auto-generated" before looking)."""
-        if watched is not None or rcpt is None:
-            return watched
-        return match_recipient(self.table, rcpt).mailbox
 
     @staticmethod
     def received(raw: bytes) -> Received:
@@ -77,39 +82,80 @@ class Intake:
         collectors: they cannot refuse a message that is already in the mailbox, and GitLab's rejection mail
         would go to a sender who may be forged."""
         try:
-            return await self._accept(received, mail_from, rcpts, ingress, mailbox, keep_rejected)
+            self.metrics.received(ingress)
+            if len(received.head) > ROUTE_INLINE_LIMIT:
+                verdicts = await asyncio.to_thread(self.verdicts, received.head, rcpts, mailbox)
+            else:
+                verdicts = self.verdicts(received.head, rcpts, mailbox)
+            return await self._commit(received, mail_from, rcpts, verdicts, ingress, mailbox, keep_rejected)
         finally:
             if isinstance(received.body, Path):
                 self.journal.discard(received.body)
 
-    async def _accept(
+    def verdicts(self, head: bytes, rcpts: list[str | None], mailbox: str | None) -> list[Verdict]:
+        """GitLab's verdict on the copy for each recipient (pure: the header is read once for all of them)."""
+        header: Header | None = None
+        found = []
+        for rcpt in rcpts:
+            if rcpt is None and mailbox is None:  # a file replayed without a recipient: every mailbox is tried
+                found.append(route(self.table, head))
+                continue
+            header = header or read_header(head)
+            if rcpt is None:
+                assert mailbox is not None
+                blank = not head.strip()
+                found.append(Verdict("reject", REASON_BLANK, mailbox) if blank else gitlab_verdict(
+                    self.table, header, mailbox
+                ))
+                continue
+            recipient = match_recipient(self.table.restricted_to(mailbox), rcpt)
+            if not recipient.accepted:
+                reason = f"envelope recipient <{rcpt}>: {recipient.reason}"
+                found.append(Verdict("reject", reason, recipient.mailbox))
+                continue
+            assert recipient.mailbox is not None
+            found.append(copy_verdict(self.table, header, rcpt, recipient.mailbox, recipient.key))
+        return found
+
+    def _find(self, entry_id: str, drafts: list[Draft]) -> Entry | None:
+        return self.journal.find(entry_id) or next((d.entry for d in drafts if d.entry.id == entry_id), None)
+
+    async def _commit(
         self,
         received: Received,
         mail_from: str | None,
         rcpts: list[str | None],
+        verdicts: list[Verdict],
         ingress: str,
         mailbox: str | None,
         keep_rejected: bool,
     ) -> list[Acceptance]:
-        self.metrics.received(ingress)
-        headers = parse_headers(received.head)
         now = time.time()
         results: list[Acceptance] = []
         drafts: list[Draft] = []
-        for rcpt in rcpts:
-            verdict = route(self.table, received.head, rcpt=rcpt, mailbox=mailbox, headers=headers)
+        for rcpt, verdict in zip(rcpts, verdicts, strict=True):
             if verdict.verdict == "reject":
                 # Over LMTP, RCPT already refused unknown addresses; replayed files and collectors meet them here.
                 self.metrics.refused("unknown_address" if verdict.reason.startswith("envelope") else "no_key")
                 facts = {"event": "rejected", "verdict": "reject", "reason": verdict.reason, "ingress": ingress}
-                log.info("rejected", extra={**facts, "rcpt": rcpt, "mail_from": mail_from})
+                log.info("rejected", extra={**facts, "rcpt": rcpt, "mail_from": mail_from, "note": verdict.note})
                 if not keep_rejected:
                     results.append(Acceptance(rcpt, verdict))
                     continue
-            identity = fingerprint(received.digest, verdict.mailbox or mailbox or "-", rcpt or "")
-            existing = self.journal.find(identity[:ID_LENGTH]) or next(
-                (d.entry for d in drafts if d.entry.fingerprint == identity), None
-            )
+            copy_mailbox = verdict.mailbox or mailbox or "-"
+            identity = fingerprint(received.digest, copy_mailbox, rcpt or "")
+            existing = self._find(identity[:ID_LENGTH], drafts)  # a retry of this very copy
+            state, duplicate_of = State.DROPPED, None
+            if existing is None and verdict.verdict == "deliver":
+                assert verdict.key is not None
+                target = target_fingerprint(received.digest, copy_mailbox, verdict.key)
+                carrier = self._find(target[:ID_LENGTH], drafts)
+                if carrier is None:
+                    identity, state = target, State.PENDING
+                elif carrier.rcpt == rcpt:
+                    existing = carrier  # a retry of the copy that carries the message
+                else:
+                    duplicate_of = carrier.id  # GitLab would route this copy exactly as that one
             if existing is not None:
                 if existing.state is State.PENDING and self.dispatcher is not None:
                     self.dispatcher.submit(existing)  # no-op when already on its way; recovers an orphan otherwise
@@ -118,7 +164,7 @@ class Intake:
             entry = Entry(
                 id=identity[:ID_LENGTH],
                 fingerprint=identity,
-                state=State.PENDING if verdict.verdict == "deliver" else State.DROPPED,
+                state=state,
                 received_at=now,
                 ingress=ingress,
                 mail_from=mail_from,
@@ -127,32 +173,54 @@ class Intake:
                 key=verdict.key,
                 handler=verdict.handler,
                 source=verdict.source,
-                reason=verdict.reason if verdict.verdict != "reject" else f"rejected, kept: {verdict.reason}",
+                reason=_recorded_reason(verdict, duplicate_of),
                 size=received.size,
+                drop=None if state is State.PENDING else _drop_kind(verdict, duplicate_of),
+                duplicate_of=duplicate_of,
+                note=verdict.note,
             )
-            drafts.append(Draft(entry, envelope_headers(mail_from, rcpt), received.body))
+            drafts.append(Draft(entry, envelope_headers(mail_from, rcpt), received.body, received.digest))
             results.append(Acceptance(rcpt, verdict, entry))
         await self.journal.commit(drafts)
         for draft in drafts:
-            entry = draft.entry
-            event = "accepted" if entry.state is State.PENDING else "dropped"
-            self.metrics.committed(entry.mailbox or self._mailbox_of(entry.rcpt, mailbox), entry.state is State.DROPPED)
-            log.info(
-                event,
-                extra={
-                    "event": event,
-                    "journal_id": entry.id,
-                    "mailbox": entry.mailbox,
-                    "key": entry.key,
-                    "handler": entry.handler,
-                    "source": entry.source,
-                    "verdict": "deliver" if entry.state is State.PENDING else "drop",
-                    "ingress": ingress,
-                    "rcpt": entry.rcpt,
-                    "mail_from": mail_from,
-                },
-            )
-            if entry.state is State.PENDING and self.dispatcher is not None:
-                in_memory = draft.prefix + draft.body if isinstance(draft.body, bytes) else None
-                self.dispatcher.submit(entry, in_memory)  # the first attempt needs no read from disk
+            self._committed(draft, ingress, mail_from)
         return results
+
+    def _committed(self, draft: Draft, ingress: str, mail_from: str | None) -> None:
+        entry = draft.entry
+        delivering = entry.state is State.PENDING
+        self.metrics.committed(entry.mailbox, entry.drop)
+        log.info(
+            "accepted" if delivering else "dropped",
+            extra={
+                "event": "accepted" if delivering else "dropped",
+                "journal_id": entry.id,
+                "mailbox": entry.mailbox,
+                "key": entry.key,
+                "handler": entry.handler,
+                "source": entry.source,
+                "verdict": "deliver" if delivering else "drop",
+                "reason": None if delivering else entry.reason,
+                "note": entry.note,
+                "ingress": ingress,
+                "rcpt": entry.rcpt,
+                "mail_from": mail_from,
+            },
+        )
+        if delivering and self.dispatcher is not None:
+            in_memory = draft.prefix + draft.body if isinstance(draft.body, bytes) else None
+            self.dispatcher.submit(entry, in_memory)  # the first attempt needs no read from disk
+
+
+def _recorded_reason(verdict: Verdict, duplicate_of: str | None) -> str:
+    if duplicate_of is not None:
+        return f"same GitLab target as entry {duplicate_of} ({verdict.mailbox}, key {verdict.key!r}): one job for both"
+    if verdict.verdict == "reject":
+        return f"rejected, kept: {verdict.reason}"
+    return verdict.reason
+
+
+def _drop_kind(verdict: Verdict, duplicate_of: str | None) -> str:
+    if duplicate_of is not None:
+        return "duplicate"
+    return verdict.drop or "rejected"

@@ -28,6 +28,7 @@ FIELDS = (
     "mail_from",
     "verdict",
     "reason",
+    "note",
     "sink",
     "detail",
     "address",

@@ -29,6 +29,7 @@ REJECT_REASONS = {
     "journal_error": "the journal could not be written (452)",
     "internal_error": "an internal fault (451)",
 }
+DROP_REASONS = ("auto_generated", "duplicate", "gitlab_fails", "rejected")
 # What generate_latest writes for names like ours: the classic text format, which every Prometheus reads.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -52,7 +53,12 @@ class Metrics:
         )  # fmt: skip
         self.accepted = counter("accepted", "Copies committed to the journal for delivery, per mailbox.", "mailbox")
         self.rejected = counter("rejected", "Recipients refused, by reason.", "reason")
-        self.dropped = counter("dropped", "Auto-generated copies accepted and discarded, per mailbox.", "mailbox")
+        self.dropped = counter(
+            "dropped",
+            "Copies accepted and not delivered, per mailbox and reason: auto_generated, duplicate (GitLab would route "
+            "it as a copy already delivering), gitlab_fails (GitLab's receiver would raise), rejected (collected).",
+            "mailbox", "reason",
+        )  # fmt: skip
         self.delivered = counter("delivered", "Entries delivered to GitLab.", "mailbox", "sink")
         self.failed = counter("failed", "Entries refused for good (dead letters in failed/).", "mailbox", "sink")
         self.deferred = counter("deferred", "Delivery attempts that failed temporarily.", "mailbox", "sink")
@@ -87,8 +93,9 @@ class Metrics:
 
     def declare(self, mailbox: str, sink: str) -> None:
         """Start this mailbox's series at 0, so rate() and alerts work from the first scrape."""
-        for family in (self.accepted, self.dropped):
-            family.labels(mailbox=mailbox)
+        self.accepted.labels(mailbox=mailbox)
+        for reason in DROP_REASONS:
+            self.dropped.labels(mailbox=mailbox, reason=reason)
         for family in (self.delivered, self.failed, self.deferred):
             family.labels(mailbox=mailbox, sink=sink)
 
@@ -105,8 +112,13 @@ class Metrics:
         assert reason in REJECT_REASONS, reason
         self.rejected.labels(reason=reason).inc(count)
 
-    def committed(self, mailbox: str | None, dropped: bool) -> None:
-        (self.dropped if dropped else self.accepted).labels(mailbox=mailbox or "-").inc()
+    def committed(self, mailbox: str | None, dropped: str | None) -> None:
+        """A copy is in the journal: to deliver, or (`dropped` says why) not."""
+        if dropped is None:
+            self.accepted.labels(mailbox=mailbox or "-").inc()
+        else:
+            assert dropped in DROP_REASONS, dropped
+            self.dropped.labels(mailbox=mailbox or "-", reason=dropped).inc()
 
     def outcome(self, mailbox: str | None, sink: str | None, kind: str, received_at: float) -> None:
         """`kind`: delivered | failed | deferred (the dispatcher's three outcomes)."""

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -19,13 +21,13 @@ import pytest
 import yaml
 
 from lmtp_gateway.config import Config, parse_config
-from lmtp_gateway.rules import RoutingTable
+from lmtp_gateway.journal import Draft, Entry
+from lmtp_gateway.rules import MAILBOX_TYPES, AddressTemplate, RoutingTable
 from lmtp_gateway.service import Gateway
 from tests.lmtp_client import LmtpClient
 from tests.servers import free_port
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
 REPLY_KEY = "59d8df8370b7e95c5a49fbf86aeb2c93"
 REPLY_RCPT = f"incoming+{REPLY_KEY}@incoming.test"
 
@@ -47,9 +49,15 @@ def numbered_message(number: int, rcpt: str = REPLY_RCPT, body: str = "Hello") -
     )
 
 
+def routing_table(host: str, addresses: dict[str, str], custom_emails: dict[str, str] | None = None) -> RoutingTable:
+    """GitLab's host and mailbox addresses, in GitLab's order, as the configuration makes them."""
+    mailboxes = tuple((name, AddressTemplate.parse(addresses[name])) for name in MAILBOX_TYPES if name in addresses)
+    return RoutingTable(host, mailboxes, custom_emails or {})
+
+
 @pytest.fixture
 def table() -> RoutingTable:
-    return RoutingTable.build(
+    return routing_table(
         "gitlab.example.com",
         {
             "incoming_email": "incoming+%{key}@incoming.example.com",
@@ -80,6 +88,12 @@ def make_config(spool_path: Path, /, **sections: Any) -> Config:
     return parse_config(yaml.safe_dump(gateway_yaml(spool_path, **sections)), "test.yml")
 
 
+def draft(entry: Entry, prefix: bytes, body: bytes | Path) -> Draft:
+    """A copy to commit, as intake makes it (the digest of a vanished file is of nothing)."""
+    content = body if isinstance(body, bytes) else body.read_bytes() if body.exists() else b""
+    return Draft(entry, prefix, body, hashlib.sha256(content).digest())
+
+
 def mailroom_secret_file(directory: Path, key: bytes, mode: int = 0o600) -> Path:
     """GitLab's .gitlab_mailroom_secret: the webhook's JWT key, base64-encoded."""
     path = directory / ".gitlab_mailroom_secret"
@@ -103,6 +117,27 @@ async def eventually(condition: Callable[[], Any], timeout: float = 10.0, what: 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+def finishes_within(seconds: float, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`function`'s result, computed in a thread; a failure if it has not returned after `seconds`. A guard
+    against a hang, generous on purpose (CI shares its machine), never a measure of speed."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, function(*args, **kwargs)))
+        except BaseException as error:  # handed to the test below
+            outcome.append((False, error))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert outcome, f"{getattr(function, '__name__', function)} still running after {seconds}s"
+    finished, value = outcome[0]
+    if not finished:
+        raise value
+    return value
 
 
 class RunningGateway:

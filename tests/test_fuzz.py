@@ -5,10 +5,11 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lmtp_gateway.headers import parse_headers
-from lmtp_gateway.rules import RoutingTable, route
+from lmtp_gateway.headers import read_header
+from lmtp_gateway.rules import route
+from tests.conftest import routing_table
 
-TABLE = RoutingTable.build(
+TABLE = routing_table(
     "gitlab.example.com",
     {"incoming_email": "incoming+%{key}@in.example.com", "service_desk_email": "desk+%{key}@in.example.com"},
 )
@@ -37,7 +38,7 @@ def test_route_never_raises(raw: bytes, rcpt: str | None, mailbox: str | None) -
 
 @given(st.binary(max_size=3000))
 def test_headers_never_raise_and_have_clean_names(raw: bytes) -> None:
-    for name, value in parse_headers(raw).fields:
+    for name, value in read_header(raw).fields:
         assert name and ":" not in name and "\n" not in name
         assert "\n" not in value
 
@@ -46,4 +47,4 @@ def test_headers_never_raise_and_have_clean_names(raw: bytes) -> None:
 def test_key_round_trips_through_the_template(key: str) -> None:
     template = TABLE.template("incoming_email")
     assert template is not None
-    assert template.key_from(template.address_for(key)) == key
+    assert template.key_from(template.text.replace("%{key}", key, 1)) == key  # GitLab renders reply addresses so
