@@ -57,6 +57,13 @@ def _integer(value: Any) -> int:
     return value
 
 
+def _positive(value: Any) -> int:
+    number = _integer(value)
+    if number < 1:
+        raise ValueError(f"expected a whole number of at least 1, got {number}")
+    return number
+
+
 def _boolean(value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -240,6 +247,8 @@ SCHEMA: Schema = {
     "lmtp": {
         "listen": _string_list,
         "max_message_size": parse_size,
+        "max_recipients": _positive,
+        "max_transaction_bytes": parse_size,
         "socket_mode": _file_mode,
         "socket_group": _string,
         "hostname": _string,
@@ -308,6 +317,8 @@ class MailboxConfig:
 class LmtpConfig:
     listen: tuple[str, ...] = (DEFAULT_LISTEN,)
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    max_recipients: int = 50  # per transaction, as Postfix's lmtp_destination_recipient_limit; more get 452
+    max_transaction_bytes: int = 100 * 1024 * 1024  # message size × recipients per transaction; past it, 452
     socket_mode: int = 0o660
     socket_group: str | None = None
     hostname: str | None = None

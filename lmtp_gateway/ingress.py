@@ -24,6 +24,7 @@ from typing import Any, BinaryIO
 
 from aiosmtpd.smtp import Envelope, Session
 
+from lmtp_gateway.config import LmtpConfig
 from lmtp_gateway.errors import JournalError, storage_error_text
 from lmtp_gateway.intake import HEAD_LIMIT, Acceptance, Intake, Received
 from lmtp_gateway.journal import Journal, State
@@ -38,6 +39,7 @@ MAIL_LINE_LIMIT = 512 + 26 + 10
 MAX_LINE = 1000  # RFC 5321 4.5.3.1.6: 998 octets + CRLF; Postfix's LMTP client folds longer lines itself
 READ_SIZE = 256 * 1024
 SPILL_SIZE = 1 << 20  # messages up to this size stay in memory until they are committed
+LATER = "too many recipients for a message of this size in one transaction, send the rest later"
 
 
 class DataDecoder:
@@ -224,23 +226,30 @@ class LmtpSession(LmtpAdapter):
                 return self._refuse(rcpts, "journal_error", "452 4.3.1", f"{problem}; try again later")
             assert received is not None
             handed_over = True  # from here the intake owns (and always removes) a spilled file
+            # Copies past the transaction's byte bound wait for a later transaction (Postfix sends them again).
+            taken = max(1, self.server.max_transaction_bytes // max(received.size, 1))
+            later = self._refuse(rcpts[taken:], "too_many_recipients", "452 4.5.3", LATER)
             try:
                 # Shielded: once the whole message is here, a client hanging up must not cut a commit in half.
                 acceptances = await asyncio.shield(
-                    self.server.intake.accept(received, mail_from, list(rcpts), ingress="lmtp")
+                    self.server.intake.accept(received, mail_from, list(rcpts[:taken]), ingress="lmtp")
                 )
             except JournalError as error:
-                return self._refuse(rcpts, "journal_error", "452 4.3.1", f"{error}; try again later")
+                now = self._refuse(rcpts[:taken], "journal_error", "452 4.3.1", f"{error}; try again later")
+                return now + later
             except Exception:
                 log.exception("lmtp: internal error while committing")
-                return self._refuse(rcpts, "internal_error", "451 4.3.0", "internal error, try again later")
-            return [data_reply(a, rcpt) for a, rcpt in zip(acceptances, rcpts, strict=True)]
+                now = self._refuse(rcpts[:taken], "internal_error", "451 4.3.0", "internal error, try again later")
+                return now + later
+            return [data_reply(a, rcpt) for a, rcpt in zip(acceptances, rcpts[:taken], strict=True)] + later
         finally:
             if not handed_over:
                 spool.discard()
 
     def _refuse(self, rcpts: list[str], reason: str, code: str, text: str) -> list[str]:
         """The same refusal for every recipient (`code` such as "552 5.3.4"): counted per recipient, logged once."""
+        if not rcpts:
+            return []
         self.server.intake.metrics.refused(reason, len(rcpts))
         level = logging.WARNING if reason == "journal_error" else logging.INFO
         facts = {"event": "rejected", "reason": reason, "rcpt": ",".join(rcpts)}
@@ -327,6 +336,27 @@ class _DataSpool:
             self.journal.discard(self.path)
 
 
+def address_problem(address: str) -> str | None:
+    """Why an envelope address cannot be taken: it must be UTF-8 (RFC 6531) and free of control characters, as
+    it becomes a line of the message (Return-Path, Delivered-To) and of the journal's metadata."""
+    try:
+        address.encode("utf-8")
+    except UnicodeEncodeError:
+        return "not valid UTF-8"
+    if any(char < " " or char == "\x7f" for char in address):
+        return "control characters in the address"
+    return None
+
+
+def declared_size(options: list[str]) -> int:
+    """The SIZE= a client declared with MAIL (RFC 1870), or 0."""
+    for option in options:
+        name, _, value = option.partition("=")
+        if name.upper() == "SIZE" and value.isdigit():
+            return int(value)
+    return 0
+
+
 class LmtpServer:
     """The hooks aiosmtpd calls (as its 'handler'), the listeners, and the sessions to drain on shutdown."""
 
@@ -336,12 +366,16 @@ class LmtpServer:
         intake: Intake,
         *,
         max_message_size: int,
+        max_recipients: int = LmtpConfig.max_recipients,
+        max_transaction_bytes: int = LmtpConfig.max_transaction_bytes,
         hostname: str | None = None,
         timeout: float = 300.0,
     ) -> None:
         self.table = table
         self.intake = intake
         self.max_message_size = max_message_size
+        self.max_recipients = max_recipients
+        self.max_transaction_bytes = max_transaction_bytes
         self.hostname = hostname or socket.getfqdn()
         self.timeout = timeout
         self.sessions: set[LmtpSession] = set()
@@ -352,11 +386,26 @@ class LmtpServer:
     # aiosmtpd hooks
 
     async def handle_MAIL(self, server: LmtpSession, session: Session, envelope: Envelope, address: str, options):
+        problem = address_problem(address)
+        if problem:
+            self._refuse_address("mail_from", problem)
+            return f"553 5.1.7 Sender address rejected: {problem}"
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return "250 2.1.0 Sender ok"
 
     async def handle_RCPT(self, server: LmtpSession, session: Session, envelope: Envelope, address: str, options):
+        problem = address_problem(address)
+        if problem:
+            self._refuse_address("rcpt", problem)
+            return f"553 5.1.3 Recipient address rejected: {problem}"
+        if len(envelope.rcpt_tos) >= self.max_recipients:
+            self.intake.metrics.refused("too_many_recipients")
+            return f"452 4.5.3 Too many recipients: at most {self.max_recipients} per transaction, send the rest later"
+        declared = declared_size(envelope.mail_options)
+        if envelope.rcpt_tos and declared * (len(envelope.rcpt_tos) + 1) > self.max_transaction_bytes:
+            self.intake.metrics.refused("too_many_recipients")
+            return f"452 4.5.3 {LATER.capitalize()}"
         found = match_recipient(self.table, address)
         if not found.accepted:
             self.intake.metrics.refused("unknown_address" if found.mailbox is None else "unknown_key")
@@ -368,6 +417,11 @@ class LmtpServer:
             return f"550 5.1.1 <{address}> {found.reason}"
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 Recipient ok"
+
+    def _refuse_address(self, which: str, problem: str) -> None:
+        """Counted and logged without the address itself: it is not text that can be written anywhere."""
+        self.intake.metrics.refused("bad_address")
+        log.info("refused an envelope address: %s %s", which, problem, extra={"event": "rejected", "reason": problem})
 
     async def handle_RSET(self, server: LmtpSession, session: Session, envelope: Envelope):
         return "250 2.0.0 Ok"

@@ -25,6 +25,8 @@ REJECT_REASONS = {
     "unknown_key": "the address's key fits no GitLab handler (550 at RCPT)",
     "no_key": "dedicated address and no key in the headers (550 after DATA)",
     "too_large": "larger than lmtp.max_message_size (552)",
+    "too_many_recipients": "past lmtp.max_recipients or lmtp.max_transaction_bytes: sent again later (452)",
+    "bad_address": "an envelope address that is not UTF-8 or holds control characters (553)",
     "line_too_long": "a line over 1000 bytes (500)",
     "journal_error": "the journal could not be written (452)",
     "internal_error": "an internal fault (451)",

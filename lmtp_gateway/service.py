@@ -73,6 +73,8 @@ class Gateway:
             config.routing,
             self.intake,
             max_message_size=config.lmtp.max_message_size,
+            max_recipients=config.lmtp.max_recipients,
+            max_transaction_bytes=config.lmtp.max_transaction_bytes,
             hostname=config.lmtp.hostname,
         )
         self.listening = listen

@@ -22,7 +22,7 @@ from tests.conftest import (
     numbered_message,
     tmp_leftovers,
 )
-from tests.lmtp_client import LmtpClient
+from tests.lmtp_client import LmtpClient, dot_stuff
 
 ISSUE_RCPT = "incoming+group-project-42-Tok3n-issue@incoming.test"
 DESK_RCPT = "contact+project_slug-project_key@incoming.test"
@@ -284,3 +284,63 @@ async def test_a_large_message_goes_through_a_file_to_every_recipient(
     for copy in maildir_messages(spool, "incoming_email"):
         assert copy.endswith(wire_body)
     assert not tmp_leftovers(spool)
+
+
+async def raw_command(client: LmtpClient, line: bytes) -> str:
+    client.writer.write(line + b"\r\n")
+    await client.writer.drain()
+    return await client.reply()
+
+
+async def test_envelope_bytes_that_are_no_text_are_refused_for_good(
+    start_gateway: StartGateway, tmp_path: Path
+) -> None:
+    """An address that is not UTF-8, or holds a control character, gets a permanent answer of its own; the other
+    recipients of the transaction are taken as usual (never a 4xx that Postfix would retry for days)."""
+    gateway = await start_gateway()
+    client = await gateway.client()
+    assert (await raw_command(client, b"MAIL FROM:<\xff\xfe@evil.example>")).startswith("553 5.1.7")
+    assert (await raw_command(client, b"MAIL FROM:<a\rb@evil.example>")).startswith("553 5.1.7")
+    assert (await raw_command(client, b"MAIL FROM:<alice@example.org>")).startswith("250")
+    assert (await raw_command(client, b"RCPT TO:<incoming+\xff\xfe@incoming.test>")).startswith("553 5.1.3")
+    assert (await raw_command(client, f"RCPT TO:<{REPLY_RCPT}>".encode())).startswith("250")
+    assert (await raw_command(client, b"DATA")).startswith("354")
+    client.writer.write(dot_stuff(numbered_message(1)))
+    assert (await client.reply()).startswith(f"250 2.0.0 <{REPLY_RCPT}>")
+    await client.quit()
+    (entry,) = entries(tmp_path / "spool", State.PENDING) or entries(tmp_path / "spool", State.DELIVERED)
+    assert entry["mail_from"] == "alice@example.org"
+
+
+async def test_recipients_past_the_cap_are_sent_later(start_gateway: StartGateway, tmp_path: Path) -> None:
+    config = make_config(tmp_path / "spool", lmtp={"listen": "127.0.0.1:0", "max_recipients": 2})
+    gateway = await start_gateway(config)
+    client = await gateway.client()
+    rcpts = [f"incoming+gitlab-org/project{n}@incoming.test" for n in range(4)]
+    done = await client.send("a@example.org", rcpts, numbered_message(1))
+    assert [r[:9] for r in done.rcpt_replies] == ["250 2.1.5", "250 2.1.5", "452 4.5.3", "452 4.5.3"]
+    assert len(done.results) == 2 and all(r.startswith("250 2.0.0") for r in done.results)
+    await client.quit()
+
+
+async def test_a_transaction_puts_at_most_max_transaction_bytes_into_gitlab(
+    start_gateway: StartGateway, tmp_path: Path
+) -> None:
+    """message size × copies is bounded per transaction: past it, 452 4.5.3 (at RCPT when SIZE= says so, after
+    DATA otherwise) and Postfix delivers those recipients in a later transaction."""
+    config = make_config(tmp_path / "spool", lmtp={"listen": "127.0.0.1:0", "max_transaction_bytes": "25K"})
+    gateway = await start_gateway(config)
+    client = await gateway.client()
+    big = message("Subject: big", body=("x" * 79 + "\n") * 125)
+    rcpts = [f"incoming+gitlab-org/project{n}@incoming.test" for n in range(4)]
+    declared = await client.send("a@example.org", rcpts, big, params=f" SIZE={len(big)}")
+    assert [r[:9] for r in declared.rcpt_replies] == ["250 2.1.5", "250 2.1.5", "452 4.5.3", "452 4.5.3"]
+    assert [r[:3] for r in declared.results] == ["250", "250"]
+    undeclared = await client.send("b@example.org", rcpts, big)
+    assert [r[:9] for r in undeclared.results] == ["250 2.0.0", "250 2.0.0", "452 4.5.3", "452 4.5.3"]
+    later = await client.send("b@example.org", rcpts[2:], big)  # what Postfix does next: the rest alone
+    assert [r[:9] for r in later.results] == ["250 2.0.0", "250 2.0.0"]
+    await client.quit()
+    spool = tmp_path / "spool"
+    # the second transaction repeats the first one's copies (the same message for the same recipients): four in all
+    await eventually(lambda: len(entries(spool, State.DELIVERED)) == 4, what="four copies delivered")

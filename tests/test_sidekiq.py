@@ -17,7 +17,7 @@ from typing import Any
 from lmtp_gateway.dispatch import backoff_delay
 from lmtp_gateway.journal import Entry, State
 from lmtp_gateway.sinks import SidekiqSink, redis_client
-from tests.conftest import REPLY_RCPT, StartGateway, eventually, make_config, numbered_message
+from tests.conftest import REPLY_RCPT, StartGateway, eventually, make_config, message, numbered_message
 from tests.lmtp_client import LmtpClient
 
 DESK_RCPT = "contact+project_slug-project_key@incoming.test"
@@ -247,3 +247,26 @@ def test_retries_back_off_exponentially_up_to_the_cap() -> None:
     assert delays == [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300]
     jittered = {round(backoff_delay(3, base=1.0, cap=300.0), 3) for _ in range(50)}
     assert len(jittered) > 1 and all(3.6 <= delay <= 4.4 for delay in jittered)  # ±10%: retries do not march
+
+
+async def test_copies_gitlab_routes_alike_make_one_job(start_gateway: StartGateway, redis: Any, tmp_path: Path) -> None:
+    """A reply sent To: one issue's reply address and Cc: another's reaches the gateway for both; GitLab routes
+    both copies by To, so one job carries it, also when Postfix hands the second copy over in another
+    transaction. The second copy is journaled as dropped, naming the first."""
+    gateway = await start_gateway(sidekiq_config(tmp_path / "spool", redis))
+    other_rcpt = "incoming+0123456789abcdef0123456789abcdef@incoming.test"
+    raw = message(f"To: {REPLY_RCPT}", f"Cc: {other_rcpt}", "Subject: Re: both", "Message-ID: <both@example.org>")
+    client = await gateway.client()
+    together = await client.send("alice@example.org", [REPLY_RCPT, other_rcpt], raw)
+    carrier = together.results[0].split()[3]
+    assert together.results[1].endswith(f"same GitLab target as {carrier}: delivered once")
+    again = message(f"To: {REPLY_RCPT}", f"Cc: {other_rcpt}", "Subject: Re: split", "Message-ID: <split@example.org>")
+    first = await client.send("alice@example.org", [other_rcpt], again)  # Postfix split the recipients
+    second = await client.send("alice@example.org", [REPLY_RCPT], again)
+    assert "queued" in first.results[0] and "same GitLab target as" in second.results[0]
+    await client.quit()
+    await eventually(lambda: gateway.gateway.dispatcher.backlog == 0 and len(jobs(redis)) == 2, what="two jobs")
+    assert len(jobs(redis)) == 2  # one per message, not one per copy
+    dropped = list(gateway.gateway.journal.entries(State.DROPPED))
+    assert {e.drop for e in dropped} == {"duplicate"} and len(dropped) == 2
+    assert all(e.key == REPLY_RCPT.split("+")[1].split("@")[0] for e in dropped)
