@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import dns.asyncresolver
 import dns.exception
@@ -29,6 +29,7 @@ from lmtp_gateway.config import Config, MailboxConfig, load_config
 from lmtp_gateway.errors import ConfigError, os_error_text
 from lmtp_gateway.journal import Journal
 from lmtp_gateway.listen import Address
+from lmtp_gateway.logs import redact_urls
 from lmtp_gateway.sinks import SidekiqSink, WebhookSink, read_webhook_key, redis_client
 
 Status = Literal["ok", "warn", "fail", "skip"]
@@ -137,10 +138,8 @@ def _mailboxes(config: Config, method: str) -> list[MailboxConfig]:
 def redis_description(config: Config) -> str:
     """Where GitLab's Redis is, without its password."""
     url = urlsplit(config.redis.url)
-    if url.password:
-        url = url._replace(netloc=url.netloc.replace(f":{url.password}@", ":***@"))
     if not config.redis.sentinels:
-        return urlunsplit(url)
+        return redact_urls(config.redis.url)
     sentinels = ",".join(f"{host}:{port}" for host, port in config.redis.sentinels)
     return f"sentinels {sentinels} (master {url.hostname})"
 
@@ -247,6 +246,19 @@ async def check_journal(context: Context) -> list[Result]:
                 "free space or fix the mount and permissions of spool.path; serve answers 452 until it can write",
             )
         ]
+    quarantined = journal.quarantined()
+    set_aside = (
+        [
+            Result(
+                "warn",
+                f"journal {root}: {len(quarantined)} damaged entries set aside in {journal.quarantine}",
+                "lmtp-gateway spool list --quarantined says what is wrong with each; repair them, then "
+                "lmtp-gateway replay --quarantined",
+            )
+        ]
+        if quarantined
+        else []
+    )
     free = await asyncio.to_thread(journal.free_bytes)
     if free < LOW_SPACE:
         return [
@@ -254,9 +266,10 @@ async def check_journal(context: Context) -> list[Result]:
                 "warn",
                 f"journal {root} writable, but only {free // 2**20} MiB free",
                 "free space there: when a message no longer fits, serve answers 452 and Postfix keeps the mail",
-            )
+            ),
+            *set_aside,
         ]
-    return [Result("ok", f"journal {root} writable, {free / 2**30:.1f} GiB free")]
+    return [Result("ok", f"journal {root} writable, {free / 2**30:.1f} GiB free"), *set_aside]
 
 
 # --- DNS ---
@@ -475,7 +488,7 @@ async def run_checks(
 ) -> list[Result]:
     context = Context(config, make_resolver(nameserver, timeout), timeout)
     groups = await asyncio.gather(*(check(context) for check in checks or CHECKS))
-    return [result for group in groups for result in group]
+    return [replace(r, what=redact_urls(r.what), fix=redact_urls(r.fix)) for group in groups for r in group]
 
 
 def check(

@@ -320,7 +320,7 @@ def _selection_options(function: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _selection(ids: tuple[str, ...], states: tuple[str, ...], mailbox: str | None, since: Any, until: Any) -> Any:
-    from lmtp_gateway.replay import Selection
+    from lmtp_gateway.spool import Selection
 
     return Selection(tuple(ids), tuple(State(s) for s in states), mailbox, since, until)
 
@@ -331,6 +331,7 @@ def _selection(ids: tuple[str, ...], states: tuple[str, ...], mailbox: str | Non
 @_selection_options
 @click.option("--rcpt", metavar="ADDR", help="Envelope recipient for FILES (as if Postfix had passed it).")
 @click.option("--from", "mail_from", metavar="ADDR", help="Envelope sender for FILES.")
+@click.option("--quarantined", is_flag=True, help="Bring back entries set aside as damaged, once repaired.")
 @click.option("--dry-run", is_flag=True, help="Only list what would happen.")
 @click.argument("files", nargs=-1, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 def replay(
@@ -343,6 +344,7 @@ def replay(
     until: float | None,
     rcpt: str | None,
     mail_from: str | None,
+    quarantined: bool,
     dry_run: bool,
     files: tuple[Path, ...],
 ) -> None:
@@ -351,13 +353,15 @@ def replay(
     Entries are selected by --id, --state, --mailbox, --since and --until (all must match). Delivered entries
     are pushed again on purpose (after GitLab lost its jobs); pending and failed ones go through the normal
     dedupe. FILES are routed like mail arriving over LMTP (--rcpt gives the envelope recipient), committed to the
-    journal and delivered. Exits 1 if anything failed or is still deferred.
+    journal and delivered. --quarantined brings back the entries set aside as damaged (spool list --quarantined)
+    once they are whole again. Exits 1 if anything failed, is still deferred, or is damaged.
 
     \b
     Examples:
       lmtp-gateway replay --state failed --dry-run
       lmtp-gateway replay --since 2026-11-21T08:00 --until 2026-11-21T09:30 --mailbox incoming_email
       lmtp-gateway replay --rcpt 'incoming+group-project-42-Xy9zAuthToken-issue@localhost' saved.eml
+      lmtp-gateway replay --quarantined
     """
     from lmtp_gateway import replay as replaying
 
@@ -365,8 +369,10 @@ def replay(
     config = _load(config_path, spool)
     selection = _selection(ids, states, mailbox, since, until)
     selecting = bool(ids or states or mailbox or since is not None or until is not None)
-    if not selecting and not files:
-        raise click.UsageError("select entries (--id, --state, --mailbox, --since, --until) or give .eml FILES")
+    if not selecting and not files and not quarantined:
+        raise click.UsageError(
+            "select entries (--id, --state, --mailbox, --since, --until), give .eml FILES, or --quarantined"
+        )
     if files and (ids or states):
         raise click.UsageError("FILES are fed in as new mail: do not combine them with --id or --state")
     try:
@@ -375,6 +381,7 @@ def replay(
                 config,
                 selection=selection if selecting and not files else None,
                 files=files,
+                quarantined=quarantined,
                 rcpt=rcpt,
                 mail_from=mail_from,
                 dry_run=dry_run,
@@ -386,7 +393,7 @@ def replay(
     for line in lines:
         click.echo(f"{line.what}  {line.action}  {line.detail}".rstrip())
     click.echo(replaying.summary(lines), err=True)
-    if any(line.action in ("failed", "deferred") for line in lines):
+    if any(line.action in ("failed", "deferred", "damaged") for line in lines):
         sys.exit(1)
 
 
@@ -496,6 +503,7 @@ def spool() -> None:
 @config_option
 @spool_option
 @_selection_options
+@click.option("--quarantined", is_flag=True, help="The entries set aside as damaged, with what is wrong with each.")
 @click.option("--limit", default=50, show_default=True, help="Newest N entries (0: all).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def spool_list(
@@ -506,6 +514,7 @@ def spool_list(
     mailbox: str | None,
     since: float | None,
     until: float | None,
+    quarantined: bool,
     limit: int,
     as_json: bool,
 ) -> None:
@@ -514,13 +523,25 @@ def spool_list(
     \b
     Example:
       lmtp-gateway spool list --state pending --state failed
+      lmtp-gateway spool list --quarantined
     """
-    from lmtp_gateway.replay import select
+    from lmtp_gateway.spool import select, set_aside
 
-    config = _load(config_path, spool)
-    entries = select(_journal(config), _selection(ids, states, mailbox, since, until))
+    journal = _journal(_load(config_path, spool))
+    if quarantined:
+        for found in set_aside(journal, ids):
+            problem = found.problem or f"whole again: lmtp-gateway replay --quarantined --id {found.id}"
+            if as_json:
+                entry = json.loads(found.entry.to_json()) if found.entry else None
+                click.echo(json.dumps({"id": found.id, "problem": found.problem, "entry": entry}, ensure_ascii=False))
+            else:
+                click.echo(f"{found.id}  {problem}")
+        return
+    entries = select(journal, _selection(ids, states, mailbox, since, until))
     if limit:
         entries = entries[-limit:]
+    if not as_json and entries:
+        click.echo(f"{'ID':24}  {'STATE':9}  {'RECEIVED':19}  {'MAILBOX':18}  {'HANDLER':24}  RECIPIENT  TRIES")
     for entry in entries:
         if as_json:
             click.echo(entry.to_json().decode(), nl=False)
@@ -529,7 +550,7 @@ def spool_list(
         problem = f"  {entry.last_error}" if entry.last_error else ""
         click.echo(
             f"{entry.id}  {entry.state.value:9}  {received}  {entry.mailbox or '-':18}  "
-            f"{entry.handler or '-':24}  {entry.rcpt or '-'}  tries={entry.attempts}{problem}"
+            f"{entry.handler or '-':24}  {entry.rcpt or '-'}  {entry.attempts}{problem}"
         )
 
 
@@ -545,7 +566,7 @@ def spool_show(config_path: str | None, spool: str | None, with_message: bool, e
     Example:
       lmtp-gateway spool show 3f2a9c
     """
-    from lmtp_gateway.replay import Selection, select
+    from lmtp_gateway.spool import Selection, select
 
     journal = _journal(_load(config_path, spool))
     found = select(journal, Selection(ids=(entry_id,)))
@@ -569,20 +590,18 @@ def spool_stats(config_path: str | None, spool: str | None, as_json: bool) -> No
     Example:
       lmtp-gateway spool stats --json
     """
-    journal = _journal(_load(config_path, spool))
-    counts = {state.value: 0 for state in State}
-    oldest: float | None = None
-    for entry in journal.entries():
-        counts[entry.state.value] += 1
-        if entry.state is State.PENDING:
-            oldest = entry.received_at if oldest is None else min(oldest, entry.received_at)
-    age = round(time.time() - oldest, 1) if oldest is not None else None
+    from lmtp_gateway.spool import stats
+
+    counted = stats(_journal(_load(config_path, spool)))
     if as_json:
-        click.echo(json.dumps({"journal": str(journal.root), **counts, "oldest_pending_seconds": age}))
+        click.echo(json.dumps(counted.as_dict()))
         return
-    click.echo(f"journal: {journal.root}")
-    for state, count in counts.items():
-        click.echo(f"  {state:10} {count}")
+    click.echo(f"journal: {counted.journal}")
+    for state, count in counted.counts.items():
+        click.echo(f"  {state:11} {count}")
+    quarantined = "  (lmtp-gateway spool list --quarantined)" if counted.quarantined else ""
+    click.echo(f"  {'quarantined':11} {counted.quarantined}{quarantined}")
+    age = counted.oldest_pending_seconds
     click.echo(f"  oldest pending: {f'{age} s' if age is not None else '-'}")
 
 

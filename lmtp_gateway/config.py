@@ -35,6 +35,7 @@ DEFAULT_MONITORING_LISTEN = "127.0.0.1:9425"  # serve's /metrics, /livez, /ready
 DEFAULT_COLLECT_MONITORING_LISTEN = "127.0.0.1:9426"  # the same for collect, so both can run on one host
 DEFAULT_MAX_MESSAGE_SIZE = 25 * 1024 * 1024
 DEFAULT_RETENTION = 7 * 86400
+DEFAULT_WEBHOOK_TIMEOUT = 90  # GitLab's Puma worker_timeout is 60 s: a POST GitLab is still working on is not cut
 DELIVERY_METHODS = ("sidekiq", "webhook", "maildir")
 TIMESTAMP_STYLES = ("sidekiq7", "sidekiq8")
 SYNC_METHODS = ("fsync", "syncfs", "off")
@@ -241,7 +242,7 @@ MAILBOX_SCHEMA: Schema = _with_secret_sources(
 )
 
 SCHEMA: Schema = {
-    "gitlab": {"host": _string, "url": _string},
+    "gitlab": {"host": _string, "url": _string, "webhook_timeout": parse_duration},
     "incoming_email": MAILBOX_SCHEMA,
     "service_desk_email": MAILBOX_SCHEMA,
     "lmtp": {
@@ -368,6 +369,7 @@ class Config:
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
     redis_given: bool = False  # a redis: section, so Redis is there even for webhook or maildir delivery
     custom_emails: Mapping[str, str] = field(default_factory=dict)  # Service Desk custom email → project key
+    webhook_timeout: int = 90  # seconds for GitLab's answer to a webhook POST: above GitLab's own 60 s
 
     @property
     def uses_redis(self) -> bool:
@@ -518,6 +520,7 @@ def _build(data: dict[str, Any], source: str, default_delivery: str, warnings: t
         source=source,
         gitlab_host=gitlab.get("host", "localhost"),
         gitlab_url=gitlab.get("url"),
+        webhook_timeout=gitlab.get("webhook_timeout", DEFAULT_WEBHOOK_TIMEOUT),
         mailboxes=mailboxes,
         lmtp=LmtpConfig(**data.get("lmtp", {})),
         policy=PolicyConfig(**data.get("policy", {})),

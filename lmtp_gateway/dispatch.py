@@ -194,7 +194,8 @@ class Dispatcher:
         entry.attempts += 1
         entry.sink = self.sinks[entry.mailbox].name if entry.mailbox in self.sinks.by_mailbox else None
         kind = {Delivered: "delivered", Permanent: "failed", Transient: "deferred"}[type(outcome)]
-        self.metrics.outcome(entry.mailbox, entry.sink, kind, entry.received_at)
+        timed_out = isinstance(outcome, Transient) and outcome.timed_out
+        self.metrics.outcome(entry.mailbox, entry.sink, kind, entry.received_at, timed_out=timed_out)
         match outcome:
             case Delivered(detail):
                 entry.last_error = None
@@ -228,7 +229,7 @@ class Dispatcher:
                     extra={"event": "failed", "journal_id": entry.id, "mailbox": entry.mailbox, "sink": entry.sink},
                 )
                 self._done(entry)
-            case Transient(reason):
+            case Transient(reason, _):
                 delay = backoff_delay(entry.attempts, self.backoff_base, self.backoff_cap)
                 entry.last_error = reason
                 entry.next_attempt_at = self.clock() + delay

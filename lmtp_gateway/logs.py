@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import time
 
@@ -35,6 +36,15 @@ FIELDS = (
     "latency_ms",
     "attempts",
 )
+
+
+_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/@\s:]*:)[^/@\s]*@")
+
+
+def redact_urls(text: str) -> str:
+    """Every ``scheme://user:password@host`` in `text` with the password as ``***``: what goes into a log line,
+    a /readyz answer, a journal entry's last error or a `check` line never shows one."""
+    return _URL_PASSWORD.sub(r"\1***@", text)
 
 
 class JsonFormatter(logging.Formatter):

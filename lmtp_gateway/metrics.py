@@ -45,6 +45,7 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self._clock = clock or time.time
         self._backlog: Backlog = lambda: (0, None)
+        self._quarantined: Callable[[], int] = lambda: 0
 
         def counter(name: str, text: str, *labels: str) -> Counter:
             return Counter(f"{PREFIX}_{name}", text, labels, registry=self.registry)
@@ -64,6 +65,11 @@ class Metrics:
         self.delivered = counter("delivered", "Entries delivered to GitLab.", "mailbox", "sink")
         self.failed = counter("failed", "Entries refused for good (dead letters in failed/).", "mailbox", "sink")
         self.deferred = counter("deferred", "Delivery attempts that failed temporarily.", "mailbox", "sink")
+        self.timeouts = counter(
+            "delivery_timeouts",
+            "Delivery attempts GitLab did not answer in time: it may have processed the message, which is sent again.",
+            "mailbox", "sink",
+        )  # fmt: skip
         self.collected = counter("collected", "Messages a collector fetched from its mailbox.", "mailbox")
         self.latency = Histogram(
             f"{PREFIX}_delivery_latency_seconds",
@@ -86,6 +92,12 @@ class Metrics:
             registry=self.registry,
         )
         oldest.set_function(self._oldest_age)
+        quarantined = Gauge(
+            f"{PREFIX}_journal_quarantined",
+            "Entries found damaged and set aside in quarantine/ (never delivered as they are; alert on > 0).",
+            registry=self.registry,
+        )
+        quarantined.set_function(lambda: self._quarantined())
 
     # --- set-up ---
 
@@ -93,12 +105,16 @@ class Metrics:
         """Where the backlog gauges read from at scrape time."""
         self._backlog = backlog
 
+    def watch_quarantine(self, quarantined: Callable[[], int]) -> None:
+        """Where the count of entries set aside is read from at scrape time."""
+        self._quarantined = quarantined
+
     def declare(self, mailbox: str, sink: str) -> None:
         """Start this mailbox's series at 0, so rate() and alerts work from the first scrape."""
         self.accepted.labels(mailbox=mailbox)
         for reason in DROP_REASONS:
             self.dropped.labels(mailbox=mailbox, reason=reason)
-        for family in (self.delivered, self.failed, self.deferred):
+        for family in (self.delivered, self.failed, self.deferred, self.timeouts):
             family.labels(mailbox=mailbox, sink=sink)
 
     def render(self) -> bytes:
@@ -122,10 +138,14 @@ class Metrics:
             assert dropped in DROP_REASONS, dropped
             self.dropped.labels(mailbox=mailbox or "-", reason=dropped).inc()
 
-    def outcome(self, mailbox: str | None, sink: str | None, kind: str, received_at: float) -> None:
+    def outcome(
+        self, mailbox: str | None, sink: str | None, kind: str, received_at: float, *, timed_out: bool = False
+    ) -> None:
         """`kind`: delivered | failed | deferred (the dispatcher's three outcomes)."""
         labels = {"mailbox": mailbox or "-", "sink": sink or "-"}
         getattr(self, kind).labels(**labels).inc()
+        if timed_out:
+            self.timeouts.labels(**labels).inc()
         if kind == "delivered":
             self.latency.labels(**labels).observe(max(0.0, self._clock() - received_at))
 

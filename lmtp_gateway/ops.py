@@ -17,6 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from lmtp_gateway.listen import Address
+from lmtp_gateway.logs import redact_urls
 from lmtp_gateway.metrics import CONTENT_TYPE, Metrics
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ class Readiness:
         except Exception as error:  # a probe's bug must read as "not ready", not take the listener down
             log.exception("readiness probe %s raised", name)
             reason = f"probe failed: {type(error).__name__}"
-        return f"{name}: {reason}" if reason else None
+        return redact_urls(f"{name}: {reason}") if reason else None
 
 
 class OpsServer:
@@ -74,10 +75,16 @@ class OpsServer:
     ROUTES = ("/metrics", "/livez", "/readyz")
 
     def __init__(
-        self, metrics: Metrics, ready: Callable[[], Awaitable[list[str]]], *, timeout: float = REQUEST_TIMEOUT
+        self,
+        metrics: Metrics,
+        ready: Callable[[], Awaitable[list[str]]],
+        *,
+        warnings: Callable[[], list[str]] = list,
+        timeout: float = REQUEST_TIMEOUT,
     ) -> None:
         self.metrics = metrics
         self.ready = ready
+        self.warnings = warnings  # worth an admin's look, but no reason to stop sending mail here
         self.timeout = timeout
         self.server: asyncio.Server | None = None
         self.address: str | None = None
@@ -137,10 +144,11 @@ class OpsServer:
             await self._send(writer, method, 200, "ok\n")
         else:
             problems = await self.ready()
+            notes = "".join(f"warning: {line}\n" for line in self.warnings())
             if problems:
-                await self._send(writer, method, 503, "".join(f"{line}\n" for line in problems))
+                await self._send(writer, method, 503, "".join(f"{line}\n" for line in problems) + notes)
             else:
-                await self._send(writer, method, 200, "ready\n")
+                await self._send(writer, method, 200, "ready\n" + notes)
 
     @staticmethod
     async def _send(

@@ -22,9 +22,10 @@ from lmtp_gateway.config import Config, parse_duration
 from lmtp_gateway.dispatch import Dispatcher
 from lmtp_gateway.errors import JournalError
 from lmtp_gateway.intake import Intake
-from lmtp_gateway.journal import Entry, Journal, State
+from lmtp_gateway.journal import DamagedEntry, Entry, Journal, State
 from lmtp_gateway.rules import RoutingTable, route
 from lmtp_gateway.sinks import Delivered, Permanent, Sinks, Transient, build_sinks
+from lmtp_gateway.spool import Selection, select, set_aside
 
 
 def parse_time(text: str, now: float | None = None) -> float:
@@ -38,29 +39,6 @@ def parse_time(text: str, now: float | None = None) -> float:
     if moment.tzinfo is None:
         moment = moment.astimezone()
     return moment.timestamp()
-
-
-@dataclass(frozen=True)
-class Selection:
-    ids: tuple[str, ...] = ()
-    states: tuple[State, ...] = ()
-    mailbox: str | None = None
-    since: float | None = None
-    until: float | None = None
-
-    def matches(self, entry: Entry) -> bool:
-        return (
-            (not self.ids or any(entry.id.startswith(prefix) for prefix in self.ids))
-            and (not self.states or entry.state in self.states)
-            and (self.mailbox is None or entry.mailbox == self.mailbox)
-            and (self.since is None or entry.received_at >= self.since)
-            and (self.until is None or entry.received_at <= self.until)
-        )
-
-
-def select(journal: Journal, selection: Selection) -> list[Entry]:
-    found = [entry for entry in journal.entries(*selection.states) if selection.matches(entry)]
-    return sorted(found, key=lambda entry: entry.received_at)
 
 
 @dataclass
@@ -90,7 +68,12 @@ async def _replay_entry(journal: Journal, sinks: Sinks, entry: Entry, dry_run: b
     if dry_run:
         again = " again" if force else ""
         return ReplayLine(entry.id, "would deliver", f"{entry.mailbox} via {sink.name}{again} (now {entry.state})")
-    raw = await asyncio.to_thread(journal.read_message, entry)
+    try:
+        raw = await asyncio.to_thread(journal.read_message, entry)
+    except (DamagedEntry, FileNotFoundError) as damage:
+        problem = str(damage) if isinstance(damage, DamagedEntry) else "message file missing"
+        await asyncio.to_thread(journal.set_aside, entry.id, entry.state, problem)
+        return ReplayLine(entry.id, "damaged", f"{problem}: set aside in {journal.quarantine}")
     outcome = await sink.deliver(entry, raw, force=force)
     entry.attempts += 1
     entry.sink = sink.name
@@ -148,7 +131,27 @@ async def _ingest_one(intake: Intake, path: Path, raw: bytes, rcpt: str | None, 
     return ReplayLine(str(path), action, acceptance.entry.id)
 
 
+async def restore_set_aside(journal: Journal, sinks: Sinks, ids: tuple[str, ...], *, dry_run: bool) -> list[ReplayLine]:
+    """Entries set aside in quarantine/ that an admin repaired: each whole one back to pending and delivered;
+    each still damaged one reported with what is wrong."""
+    lines = []
+    for found in set_aside(journal, ids):
+        where = journal.quarantine / found.id
+        if found.entry is None or found.problem is not None:
+            fix = f"repair {where}.json and .eml, or feed {where}.eml in with --rcpt"
+            lines.append(ReplayLine(found.id, "damaged", f"{found.problem}: {fix}"))
+            continue
+        if dry_run:
+            lines.append(ReplayLine(found.id, "would restore", f"whole again; back to pending ({found.entry.mailbox})"))
+            continue
+        entry = await journal.restore(found.id)
+        lines.append(await _replay_entry(journal, sinks, entry, dry_run=False))
+    return lines
+
+
 def summary(lines: list[ReplayLine]) -> str:
+    if not lines:
+        return "nothing selected: no entry or file matched"
     counts = Counter(line.action for line in lines)
     return f"{len(lines)} processed: " + ", ".join(f"{count} {action}" for action, count in sorted(counts.items()))
 
@@ -161,6 +164,7 @@ async def run(
     *,
     selection: Selection | None,
     files: Iterable[Path],
+    quarantined: bool = False,
     rcpt: str | None,
     mail_from: str | None,
     dry_run: bool,
@@ -170,6 +174,8 @@ async def run(
     sinks = build_sinks(config)
     journal = Journal(config.spool.path, sync=config.spool.sync)
     try:
+        if quarantined:
+            return await restore_set_aside(journal, sinks, selection.ids if selection else (), dry_run=dry_run)
         if selection is not None:
             entries = select(journal, selection)
             with progress(len(entries), "replaying") as step:

@@ -63,12 +63,13 @@ class Gateway:
         self.dispatcher = Dispatcher(self.journal, self.sinks, backoff_base=backoff_base, metrics=self.metrics)
         self.intake = Intake(config.routing, self.journal, self.dispatcher, self.metrics)
         self.metrics.watch_backlog(self.dispatcher.pending)
+        self.metrics.watch_quarantine(lambda: len(self.journal.quarantined()))
         for name, sink in self.sinks.by_mailbox.items():
             self.metrics.declare(name, sink.name)
         probes = [(f"{name} ({sink.name})", sink.probe) for name, sink in self.sinks.by_mailbox.items()]
         probes.append(("journal", self._probe_journal))
         self.readiness = Readiness(probes, ttl=probe_cache_seconds)
-        self.ops = OpsServer(self.metrics, self.health)
+        self.ops = OpsServer(self.metrics, self.health, warnings=self.warnings)
         self.lmtp = LmtpServer(
             config.routing,
             self.intake,
@@ -110,6 +111,13 @@ class Gateway:
             if c.status.state == "backoff" and c.status.last_error
         ]
         return collecting + await self.readiness.problems()
+
+    def warnings(self) -> list[str]:
+        """What /readyz mentions while still answering ready: damaged entries set aside."""
+        count = len(self.journal.quarantined())
+        if not count:
+            return []
+        return [f"{count} damaged journal entries set aside in {self.journal.quarantine} (spool list --quarantined)"]
 
     async def _probe_journal(self) -> str | None:
         # A message of the largest size allowed must still fit.

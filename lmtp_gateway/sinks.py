@@ -30,6 +30,7 @@ from redis.asyncio.sentinel import Sentinel
 from lmtp_gateway.config import Config, MailboxConfig, RedisConfig
 from lmtp_gateway.errors import ConfigError
 from lmtp_gateway.journal import Entry
+from lmtp_gateway.logs import redact_urls
 from lmtp_gateway.rules import INCOMING_EMAIL, SERVICE_DESK_EMAIL
 from lmtp_gateway.secrets import check_secret_file
 
@@ -42,6 +43,7 @@ class Delivered:
 @dataclass(frozen=True)
 class Transient:
     reason: str
+    timed_out: bool = False  # no answer in time: the far side may have acted on it (it is sent again)
 
 
 @dataclass(frozen=True)
@@ -211,16 +213,20 @@ class WebhookSink:
         try:
             response = await self.client.get(self.url, timeout=5.0)
         except httpx.HTTPError as error:
-            return f"webhook: cannot reach {self.url}: {type(error).__name__}: {error}"
+            return redact_urls(f"webhook: cannot reach {self.url}: {type(error).__name__}: {error}")
         if response.status_code in (502, 503, 504):
-            return f"webhook: HTTP {response.status_code} from {self.url}: GitLab is not answering behind its proxy"
+            return redact_urls(
+                f"webhook: HTTP {response.status_code} from {self.url}: GitLab is not answering behind its proxy"
+            )
         return None
 
     async def deliver(self, entry: Entry, raw: bytes, *, force: bool = False) -> Outcome:
         try:
             response = await self.post(raw)
+        except httpx.TimeoutException as error:
+            return Transient(redact_urls(f"webhook: no answer from GitLab in time ({type(error).__name__})"), True)
         except httpx.HTTPError as error:
-            return Transient(f"webhook: {type(error).__name__}: {error}")
+            return Transient(redact_urls(f"webhook: {type(error).__name__}: {error}"))
         if response.status_code == 200:
             return Delivered("200")
         if response.status_code == 400:
@@ -308,7 +314,7 @@ def build_sinks(config: Config) -> Sinks:
     if config.uses_redis:
         sinks.redis = redis_client(config.redis)
     if "webhook" in methods:
-        sinks.http = httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=5.0))
+        sinks.http = httpx.AsyncClient(timeout=httpx.Timeout(config.webhook_timeout, connect=5.0))
     for name, mailbox in config.mailboxes.items():
         sinks.by_mailbox[name] = _build_sink(config, mailbox, sinks)
     return sinks

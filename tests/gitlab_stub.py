@@ -36,6 +36,7 @@ class GitLabStub(LocalHttpStub):
     enabled: tuple[str, ...] = MAILBOX_TYPES
     received: list[Received] = field(default_factory=list)
     scripted: list[int] = field(default_factory=list)  # statuses to answer first (500, 502…), then the contract
+    slow: list[float] = field(default_factory=list)  # for the first messages: take them, then answer this late
     server: ThreadingHTTPServer | None = None
     arrived: threading.Condition = field(default_factory=threading.Condition)
 
@@ -79,4 +80,6 @@ class GitLabStub(LocalHttpStub):
         with self.arrived:
             self.received.append(Received(mailbox, body, claims, content_type))
             self.arrived.notify_all()
+            late = self.slow.pop(0) if self.slow else 0.0
+        time.sleep(late)  # a GitLab busier than the client waits: the job is queued all the same
         return 200, {"success": True}

@@ -290,3 +290,26 @@ async def test_collector_login(dns: DnsmasqServer, tmp_path: Path) -> None:
         assert line(done, "fail  imap:").endswith("— check user and password (or inbox_options.client_id / "
                                                   "client_secret / tenant_id)")  # fmt: skip
         assert "wrong" not in done.stdout and done.returncode == 1
+
+
+async def test_gitlab_url_credentials_are_masked(
+    lmtp_address: str, gitlab: GitLabStub, dns: DnsmasqServer, tmp_path: Path
+) -> None:
+    wrong = secret_file(tmp_path, key=os.urandom(32))
+    url = gitlab.url.replace("://", "://gluser:S3cretPassw0rd@")
+    config = write_config(
+        tmp_path, lmtp_address, gitlab={"url": url},
+        incoming_email={"delivery_method": "webhook", "secret_file": str(wrong)},
+    )  # fmt: skip
+    done = await run_check(config, dns)
+    assert "gluser:***@" in line(done, "fail") and "S3cretPassw0rd" not in done.stdout + done.stderr
+
+
+async def test_damaged_entries_are_reported(lmtp_address: str, dns: DnsmasqServer, tmp_path: Path) -> None:
+    config = write_config(tmp_path, lmtp_address)
+    quarantine = tmp_path / "checked-spool" / "quarantine"
+    quarantine.mkdir(parents=True)
+    (quarantine / f"{'b' * 24}.json").write_text("{")
+    done = await run_check(config, dns)
+    assert "1 damaged entries set aside" in line(done, "warn  journal")
+    assert "lmtp-gateway replay --quarantined" in line(done, "warn  journal")

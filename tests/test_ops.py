@@ -313,3 +313,34 @@ async def test_a_slow_client_is_cut_off_and_does_not_hold_up_others(ops: OpsServ
     answer, took = await slow
     assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
     assert 0.4 < took < 2  # the 0.5 s deadline, not the client, decided
+
+
+async def test_credentials_in_urls_are_never_shown(start_gateway: StartGateway, tmp_path: Path) -> None:
+    key = os.urandom(32)
+    gitlab = GitLabStub(key).start()
+    secret = mailroom_secret_file(tmp_path, key)
+    with_password = gitlab.url.replace("://", "://gluser:S3cretPassw0rd@")
+    config = make_config(
+        tmp_path / "spool",
+        gitlab={"url": with_password},
+        incoming_email={"delivery_method": "webhook", "secret_file": str(secret)},
+        service_desk_email=None,
+        monitoring=MONITORING,
+    )
+    gateway = await start_gateway(config, probe_cache_seconds=0)
+    gitlab.stop()
+    down = await get(gateway.gateway.ops.address, "/readyz")
+    assert down.status_code == 503 and "gluser:***@" in down.text and "S3cretPassw0rd" not in down.text
+
+
+async def test_damaged_entries_show_in_metrics_and_readyz(start_gateway: StartGateway, tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    for state in ("pending", "quarantine"):
+        (spool / state).mkdir(parents=True)
+    (spool / "pending" / f"{'a' * 24}.json").write_text('{"id": "aa')  # torn metadata of an acknowledged entry
+    (spool / "pending" / f"{'a' * 24}.eml").write_bytes(b"Subject: x\r\n\r\nbody\r\n")
+    gateway = await start_gateway(make_config(spool, monitoring=MONITORING), probe_cache_seconds=0)
+    assert sample(await metrics_text(gateway), "lmtp_gateway_journal_quarantined") == 1
+    ready = await get(gateway.gateway.ops.address, "/readyz")
+    assert ready.status_code == 200  # mail still flows; an admin is told
+    assert ready.text.startswith("ready\nwarning: 1 damaged journal entries set aside")

@@ -121,7 +121,8 @@ async def test_spool_list_show_stats(tmp_path: Path) -> None:
     failed = await seed(tmp_path / "spool", State.FAILED, 2)
     await seed(tmp_path / "spool", State.PENDING, 1)
     listing = cli("spool", "list", "--config", config, "--state", "failed")
-    assert listing.returncode == 0 and len(listing.stdout.splitlines()) == 2
+    assert listing.returncode == 0 and len(listing.stdout.splitlines()) == 3  # a header row, two entries
+    assert listing.stdout.startswith("ID ")
     assert "GitLab said no" in listing.stdout
     shown = cli("spool", "show", "--config", config, "--message", failed[0].id)
     assert f'"id": "{failed[0].id}"' in shown.stdout and "Subject: message 0" in shown.stdout
@@ -141,7 +142,7 @@ async def test_spool_and_replay_take_another_journal_with_spool(tmp_path: Path) 
     stats = json.loads(cli("spool", "stats", "--config", config, "--spool", str(other), "--json").stdout)
     assert (stats["journal"], stats["failed"]) == (str(other), 1)
     listing = cli("spool", "list", "--config", config, "--spool", str(other))
-    assert listing.stdout.startswith(entry.id)
+    assert listing.stdout.splitlines()[1].startswith(entry.id)
     shown = cli("spool", "show", "--config", config, "--spool", str(other), entry.id)
     assert shown.returncode == 0 and f"message: {other / 'failed'}" in shown.stdout
     done = cli("replay", "--config", config, "--spool", str(other), "--state", "failed")
@@ -217,3 +218,44 @@ async def test_a_commit_under_way_is_not_delivered_before_its_250(
     assert not seen_before_250
     await eventually(lambda: list(delivered.glob("*")), what="delivery after the 250")
     await client.quit()
+
+
+async def test_a_damaged_entry_is_never_shipped_and_shows_everywhere(tmp_path: Path) -> None:
+    """An acknowledged entry whose message file was cut short: replay refuses to deliver it and sets it aside;
+    spool stats and spool list show it; once repaired, replay --quarantined delivers it."""
+    config = config_file(tmp_path)
+    spool = tmp_path / "spool"
+    (entry,) = await seed(spool, State.PENDING, 1)
+    eml = spool / "pending" / f"{entry.id}.eml"
+    whole = eml.read_bytes()
+    eml.write_bytes(whole[: len(whole) // 2])  # the file system lost the second half
+    (spool / "pending" / f"{'f' * 24}.json").write_text('{"id": "ff')  # and another entry's metadata is torn
+    counted = json.loads(cli("spool", "stats", "--config", config, "--json").stdout)
+    assert counted["pending"] == 2  # every name counts, readable or not
+
+    done = cli("replay", "--config", config, "--id", entry.id)
+    assert done.returncode == 1
+    assert "damaged" in done.stdout and "set aside" in done.stdout
+    assert not (spool / "maildir" / "incoming_email" / "new").exists() or not any(
+        (spool / "maildir" / "incoming_email" / "new").iterdir()
+    )
+    assert (spool / "quarantine" / f"{entry.id}.eml").exists()
+    assert json.loads(cli("spool", "stats", "--config", config, "--json").stdout)["quarantined"] == 1
+    listed = cli("spool", "list", "--config", config, "--quarantined")
+    assert listed.stdout.startswith(entry.id) and "bytes" in listed.stdout and "were committed" in listed.stdout
+    still = cli("replay", "--config", config, "--quarantined")
+    assert still.returncode == 1 and "damaged" in still.stdout
+
+    (spool / "quarantine" / f"{entry.id}.eml").write_bytes(whole)  # the admin restores the file from a backup
+    assert "whole again" in cli("spool", "list", "--config", config, "--quarantined").stdout
+    back = cli("replay", "--config", config, "--quarantined")
+    assert back.returncode == 0, back.stdout + back.stderr
+    assert f"{entry.id}  delivered" in back.stdout
+    (copy,) = (spool / "maildir" / "incoming_email" / "new").iterdir()
+    assert copy.read_bytes() == whole
+    assert json.loads(cli("spool", "stats", "--config", config, "--json").stdout)["quarantined"] == 0
+
+
+def test_replay_with_nothing_selected_says_so(tmp_path: Path) -> None:
+    done = cli("replay", "--config", config_file(tmp_path), "--state", "failed")
+    assert done.returncode == 0 and "nothing selected" in done.stderr

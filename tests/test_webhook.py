@@ -100,3 +100,30 @@ async def test_wrong_secret_keeps_the_mail(start_gateway: StartGateway, gitlab: 
     await eventually(lambda: gateway.gateway.dispatcher.stats.transient >= 2, what="retries on 401")
     (pending,) = states(tmp_path, State.PENDING)
     assert "401" in pending.read_text() and not gitlab.received
+
+
+async def test_a_gitlab_slower_than_the_timeout_is_counted(
+    start_gateway: StartGateway, gitlab: GitLabStub, tmp_path: Path
+) -> None:
+    """GitLab took the message but answered after gitlab.webhook_timeout: the gateway cannot know, keeps the
+    message and sends it again (at least once), and counts the timeout so an admin sees such duplicates."""
+    gitlab.slow = [3.0]
+    config = make_config(
+        tmp_path / "spool",
+        gitlab={"url": gitlab.url, "webhook_timeout": "1s"},
+        incoming_email={"delivery_method": "webhook", "secret_file": str(secret_file(tmp_path))},
+        service_desk_email=None,
+    )
+    gateway = await start_gateway(config, backoff_base=0.05)
+    client = await gateway.client()
+    await client.send("a@example.org", [REPLY_RCPT], numbered_message(1))
+    await client.quit()
+    await eventually(lambda: states(tmp_path, State.DELIVERED), timeout=60, what="delivered on the second try")
+    assert len(gitlab.received) == 2
+    timeouts = gateway.gateway.metrics.timeouts.labels(mailbox="incoming_email", sink="webhook")
+    assert timeouts._value.get() == 1
+
+
+def test_the_webhook_timeout_defaults_above_gitlabs_own(gitlab: GitLabStub, tmp_path: Path) -> None:
+    config = webhook_config(tmp_path, gitlab, secret_file(tmp_path))
+    assert config.webhook_timeout == 90  # type: ignore[attr-defined]
