@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from lmtp_gateway.headers import read_header
 from lmtp_gateway.rules import route
-from tests.conftest import routing_table
+from tests.conftest import finishes_within, routing_table
 
 TABLE = routing_table(
     "gitlab.example.com",
@@ -48,3 +48,25 @@ def test_key_round_trips_through_the_template(key: str) -> None:
     template = TABLE.template("incoming_email")
     assert template is not None
     assert template.key_from(template.text.replace("%{key}", key, 1)) == key  # GitLab renders reply addresses so
+
+
+HOSTILE_FRAGMENTS = ["a-1", "-1-", "for <<", "for <", "<", ">", "(", ")", '"', "\\", "=?x?q?", "?=", "incoming+", ", ",
+                     ";", ":", "-issue", "-issue-1", "@", ".", "  ", "\t", "reply-", "<a@b>", "+", "/"]  # fmt: skip
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(
+    st.sampled_from(["To", "Cc", "References", "Delivered-To", "Received", "X-Original-To", "Auto-Submitted"]),
+    st.lists(st.sampled_from(HOSTILE_FRAGMENTS), min_size=1, max_size=4),
+    st.integers(min_value=1_000, max_value=60_000),
+    st.booleans(),
+)
+def test_hostile_headers_up_to_the_size_limits_are_routed_in_linear_time(
+    name: str, fragments: list[str], repeat: int, with_rcpt: bool
+) -> None:
+    """Repeated fragments of the shapes that make naive parsers backtrack, up to about a megabyte of header."""
+    value = "".join(fragments) * (repeat // len(fragments))
+    raw = f"{name}: incoming+{value}@in.example.com\r\n".encode() + f"{name}: {value}\r\n\r\nbody".encode()
+    rcpt = "incoming+59d8df8370b7e95c5a49fbf86aeb2c93@in.example.com" if with_rcpt else None
+    verdict = finishes_within(30, route, TABLE, raw, rcpt=rcpt)
+    assert verdict.verdict in ("deliver", "drop", "reject")

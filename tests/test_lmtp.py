@@ -7,6 +7,7 @@ import contextlib
 import grp
 import json
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -344,3 +345,25 @@ async def test_a_transaction_puts_at_most_max_transaction_bytes_into_gitlab(
     spool = tmp_path / "spool"
     # the second transaction repeats the first one's copies (the same message for the same recipients): four in all
     await eventually(lambda: len(entries(spool, State.DELIVERED)) == 4, what="four copies delivered")
+
+
+async def test_a_large_header_is_read_off_the_event_loop(start_gateway: StartGateway, tmp_path: Path) -> None:
+    """GitLab's rules are linear, but a header of hundreds of kilobytes still takes a while: it is read in a worker
+    thread, so every other session is served meanwhile; a small one is read in line."""
+    gateway = await start_gateway()
+    intake = gateway.gateway.intake
+    threads: list[str] = []
+    read = intake.verdicts
+
+    def recording(*args: object) -> object:
+        threads.append(threading.current_thread().name)
+        return read(*args)  # type: ignore[arg-type]
+
+    intake.verdicts = recording  # type: ignore[method-assign]
+    client = await gateway.client()
+    large = message(*(f"X-Filler-{n}: {'a-1' * 30}" for n in range(1000)), f"To: {REPLY_RCPT}")
+    await client.send("a@example.org", [REPLY_RCPT], large)
+    await client.send("a@example.org", [REPLY_RCPT], numbered_message(1))
+    await client.quit()
+    assert len(large) > 64 * 1024
+    assert threads[0] != threading.main_thread().name and threads[1] == threading.main_thread().name

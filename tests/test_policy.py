@@ -9,7 +9,7 @@ from lmtp_gateway.config import load_config
 from lmtp_gateway.policy import policy_action
 from lmtp_gateway.postfix import parse_main_cf, render
 from lmtp_gateway.rules import RoutingTable
-from tests.conftest import REPLY_KEY, REPO, lmtp_gateway_command
+from tests.conftest import REPLY_KEY, REPO, finishes_within, lmtp_gateway_command
 
 
 def ask(table: RoutingTable, recipient: str, **extra: str) -> str:
@@ -58,3 +58,10 @@ def test_fragment_follows_the_configuration(tmp_path: Path) -> None:
     assert "recipient_delimiter" not in main  # a catch-all template needs no sub-addressing
     assert main["smtpd_recipient_restrictions"].endswith("check_policy_service unix:private/gitlab-policy")
     assert f"user=gw argv=/usr/bin/lmtp-gateway policy --config {path} --stdio" in fragment.master_cf
+
+
+def test_a_hostile_recipient_is_answered_in_linear_time(table: RoutingTable) -> None:
+    """A 60 KB key of the shape that made the handler formats backtrack (14–24 s before, per request)."""
+    hostile = "incoming+" + "a-1" * 20_000 + "@incoming.example.com"
+    answer = finishes_within(30, ask, table, hostile)
+    assert answer.startswith("550 5.1.1") and "fits no GitLab handler" in answer
