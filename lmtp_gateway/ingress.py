@@ -14,6 +14,7 @@ Built on aiosmtpd's LMTP class, with what it lacks for real LMTP (RFC 2033) adde
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import hashlib
 import logging
@@ -261,6 +262,8 @@ class LmtpSession(LmtpAdapter):
         so the client always gets its replies at the right place."""
         decoder = DataDecoder()
         digest = hashlib.sha256()
+        text = codecs.getincrementaldecoder("utf-8")()  # is it UTF-8 throughout? (GitLab needs it to be)
+        utf8 = True
         size = 0
         problem: str | None = None
         while not decoder.done:
@@ -276,6 +279,7 @@ class LmtpSession(LmtpAdapter):
                 problem = "size"
             if problem is None and data:
                 digest.update(data)
+                utf8 = utf8 and _still_utf8(text, data)
                 problem = spool.write(data)
         if decoder.leftover:  # commands pipelined past the end of DATA: give them back to the command loop
             self.unread(decoder.leftover)
@@ -283,7 +287,15 @@ class LmtpSession(LmtpAdapter):
         problem = problem or trouble
         if problem:
             return None, problem
-        return Received(body, digest.digest(), spool.head, size), None
+        return Received(body, digest.digest(), spool.head, size, utf8 and _still_utf8(text, b"", final=True)), None
+
+
+def _still_utf8(decoder: codecs.IncrementalDecoder, data: bytes, *, final: bool = False) -> bool:
+    try:
+        decoder.decode(data, final)
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 class _DataSpool:

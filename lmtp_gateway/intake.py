@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmtp_gateway.dispatch import Dispatcher
-from lmtp_gateway.headers import Header, read_header
+from lmtp_gateway.eightbit import for_gitlab, is_utf8
+from lmtp_gateway.headers import Header, header_start, read_header
 from lmtp_gateway.journal import ID_LENGTH, Draft, Entry, Journal, State, envelope_headers, fingerprint
 from lmtp_gateway.metrics import Metrics
 from lmtp_gateway.rules import REASON_BLANK, RoutingTable, Verdict, copy_verdict, gitlab_verdict, match_recipient, route
@@ -43,9 +44,15 @@ class Received:
     """A message as received, with what was learnt while reading it."""
 
     body: bytes | Path  # in memory, or (large) a file in the journal's tmp/
-    digest: bytes  # sha256 of the message as received
+    digest: bytes  # sha256 of the message as received: its identity
     head: bytes  # the header block and the start of the body: all the rules read
     size: int
+    utf8: bool | None = None  # the whole message is UTF-8 (None: not known yet)
+    stored_digest: bytes | None = None  # sha256 of `body` when it is not the message as received
+
+    @property
+    def body_digest(self) -> bytes:
+        return self.stored_digest or self.digest
 
 
 def target_fingerprint(digest: bytes, mailbox: str, key: str) -> str:
@@ -81,16 +88,30 @@ class Intake:
         a body spilled to tmp/ is always removed. `keep_rejected` journals a rejected copy as dropped, for
         collectors: they cannot refuse a message that is already in the mailbox, and GitLab's rejection mail
         would go to a sender who may be forged."""
+        arrived = received.body
         try:
             self.metrics.received(ingress)
+            received = await self._for_gitlab(received)
             if len(received.head) > ROUTE_INLINE_LIMIT:
                 verdicts = await asyncio.to_thread(self.verdicts, received.head, rcpts, mailbox)
             else:
                 verdicts = self.verdicts(received.head, rcpts, mailbox)
             return await self._commit(received, mail_from, rcpts, verdicts, ingress, mailbox, keep_rejected)
         finally:
-            if isinstance(received.body, Path):
-                self.journal.discard(received.body)
+            if isinstance(arrived, Path):
+                self.journal.discard(arrived)
+
+    async def _for_gitlab(self, received: Received) -> Received:
+        """The message as GitLab must get it (``eightbit.for_gitlab``): nearly always the very same."""
+        if received.utf8 is None and isinstance(received.body, bytes):
+            received.utf8 = is_utf8(received.body)
+        if received.utf8 and not header_start(received.head):
+            return received
+        body = received.body
+        converted = await asyncio.to_thread(lambda: for_gitlab(body if isinstance(body, bytes) else body.read_bytes()))
+        return Received(
+            converted, received.digest, converted[:HEAD_LIMIT], received.size, True, hashlib.sha256(converted).digest()
+        )
 
     def verdicts(self, head: bytes, rcpts: list[str | None], mailbox: str | None) -> list[Verdict]:
         """GitLab's verdict on the copy for each recipient (pure: the header is read once for all of them)."""
@@ -179,7 +200,7 @@ class Intake:
                 duplicate_of=duplicate_of,
                 note=verdict.note,
             )
-            drafts.append(Draft(entry, envelope_headers(mail_from, rcpt), received.body, received.digest))
+            drafts.append(Draft(entry, envelope_headers(mail_from, rcpt), received.body, received.body_digest))
             results.append(Acceptance(rcpt, verdict, entry))
         await self.journal.commit(drafts)
         for draft in drafts:

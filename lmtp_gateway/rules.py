@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from lmtp_gateway.eightbit import for_gitlab
 from lmtp_gateway.errors import TemplateError
 from lmtp_gateway.headers import Header, read_header
 
@@ -464,6 +465,7 @@ def route(table: RoutingTable, raw: bytes, *, rcpt: str | None = None, mailbox: 
     scope = table.restricted_to(mailbox)
     if not scope.mailboxes:
         return Verdict("reject", f"mailbox {mailbox!r} is not configured")
+    raw = for_gitlab(raw)  # what GitLab will read: UTF-8, starting with its header
     if rcpt is not None:
         recipient = match_recipient(scope, rcpt)
         if not recipient.accepted:

@@ -179,7 +179,9 @@ def _stop_all() -> None:
             server.stop()
 
 
-def start_process(argv: Sequence[str], *, cwd: Path, output: Path) -> subprocess.Popen[bytes]:
+def start_process(
+    argv: Sequence[str], *, cwd: Path, output: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     """Start a server child in its own session with stdout/stderr to a file.
 
     Its own session lets ``stop_process`` kill the whole process group
@@ -196,6 +198,7 @@ def start_process(argv: Sequence[str], *, cwd: Path, output: Path) -> subprocess
             stderr=subprocess.STDOUT,
             start_new_session=True,
             preexec_fn=_parent_death_hook(),
+            env=env,
         )
 
 
