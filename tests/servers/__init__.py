@@ -284,7 +284,18 @@ class ChildServer:
         raise NotImplementedError
 
     def stop(self, *, graceful: bool = True) -> None:
-        raise NotImplementedError
+        """Stop the server, delete its directory; idempotent. ``graceful=False`` SIGKILLs, like a crash."""
+        self._kill(graceful)
+        if self._tmpdir is not None:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
+        _unregister(self)
+
+    def _kill(self, graceful: bool = True) -> None:
+        """End the server's processes (a server whose helpers outlive its leader overrides this)."""
+        if self._proc is not None:
+            stop_process(self._proc, graceful=graceful)
+            self._proc = None
 
     @property
     def tmpdir(self) -> Path:

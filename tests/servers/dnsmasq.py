@@ -7,7 +7,6 @@ upstream server and no /etc/hosts, so nothing depends on the machine's own DNS.
 
 from __future__ import annotations
 
-import shutil
 import socket
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -17,11 +16,9 @@ from . import (
     LOOPBACK,
     ChildServer,
     _register,
-    _unregister,
     free_port,
     require_binary,
     start_process,
-    stop_process,
     wait_until,
 )
 
@@ -84,12 +81,3 @@ class DnsmasqServer(ChildServer):
                 return True
         except OSError:
             return False
-
-    def stop(self, *, graceful: bool = True) -> None:
-        if self._proc is not None:
-            stop_process(self._proc, graceful=graceful)
-            self._proc = None
-        if self._tmpdir is not None:
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
-            self._tmpdir = None
-        _unregister(self)

@@ -26,11 +26,9 @@ from . import (
     LOOPBACK,
     ChildServer,
     _register,
-    _unregister,
     free_port,
     require_binary,
     start_process,
-    stop_process,
     wait_until,
 )
 
@@ -59,7 +57,9 @@ class DovecotServer(ChildServer):
 
     Everything (config, sockets, state, logs, mail) lives in one temporary
     directory; nothing in /etc, /var/run or /var/lib is read or written, and
-    the system's own Dovecot service is neither needed nor touched.
+    the system's own Dovecot service is neither needed nor touched. Its orderly
+    shutdown always sleeps 1 s (the master waits for its log process);
+    ``stop(graceful=False)`` SIGKILLs the whole process group at once instead.
 
     Accepted LMTP recipients (``RCPT TO``):
 
@@ -203,19 +203,6 @@ class DovecotServer(ChildServer):
                 raise
         raise AssertionError("unreachable")
 
-    def stop(self, *, graceful: bool = True) -> None:
-        """Stop Dovecot and all its helpers, delete its directory; idempotent.
-
-        Dovecot's orderly shutdown always sleeps 1 s (its master waits for
-        the log process); ``graceful=False`` SIGKILLs the whole process
-        group instead and returns at once - fine for a throw-away server.
-        """
-        self._kill(graceful)
-        if self._tmpdir is not None:
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
-            self._tmpdir = None
-        _unregister(self)
-
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
         return f"<DovecotServer imap={self._imap_port} lmtp={self._lmtp_port} {state}>"
@@ -347,11 +334,6 @@ service anvil {{
     def _greets(self) -> bool:
         """True once IMAP sends ``* OK`` and LMTP sends ``220``."""
         return _greeting(self.host, self.imap_port, b"* OK") and _greeting(self.host, self.lmtp_port, b"220 ")
-
-    def _kill(self, graceful: bool = True) -> None:
-        if self._proc is not None:
-            stop_process(self._proc, graceful=graceful)
-            self._proc = None
 
     def _port_was_taken(self) -> bool:
         text = ""

@@ -29,7 +29,6 @@ import functools
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -44,7 +43,6 @@ from . import (
     LOOPBACK,
     ChildServer,
     _register,
-    _unregister,
     free_port,
     group_alive,
     process_running,
@@ -315,19 +313,6 @@ class PostfixServer(ChildServer):
                 self.stop()
                 raise
         raise AssertionError("unreachable")
-
-    def stop(self, *, graceful: bool = True) -> None:
-        """Stop the master and every daemon, delete the directory; idempotent.
-
-        The master gets SIGTERM and terminates its whole process group (what
-        ``postfix stop`` does, without its one-second polling sleep);
-        whatever is left is SIGKILLed. ``graceful=False`` SIGKILLs at once.
-        """
-        self._kill(graceful)
-        if self._tmpdir is not None:
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
-            self._tmpdir = None
-        _unregister(self)
 
     def reload(self, timeout: float = 10.0) -> None:
         """``postfix reload`` and wait until the master has re-read its config.
@@ -631,6 +616,8 @@ postlog     unix-dgram n  -       n       -       1       postlogd
             return False
 
     def _kill(self, graceful: bool = True) -> None:
+        """The master gets SIGTERM and terminates its whole process group (what ``postfix stop`` does, without its
+        one-second polling sleep); whatever is left is SIGKILLed. ``graceful=False`` SIGKILLs at once."""
         if self._proc is None:
             return
         master = self._master_pid

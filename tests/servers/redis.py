@@ -6,7 +6,6 @@ over a plain socket, so benchmark scripts can use this without extras.
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 import tempfile
@@ -18,11 +17,9 @@ from . import (
     LOOPBACK,
     ChildServer,
     _register,
-    _unregister,
     free_port,
     require_binary,
     start_process,
-    stop_process,
     wait_until,
 )
 
@@ -115,17 +112,6 @@ class RedisServer(ChildServer):
                 raise
         raise AssertionError("unreachable")
 
-    def stop(self, *, graceful: bool = True) -> None:
-        """Stop the server and delete its directory; idempotent.
-
-        ``graceful=False`` SIGKILLs instead of SIGTERM, like a crash.
-        """
-        self._kill(graceful)
-        if self._tmpdir is not None:
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
-            self._tmpdir = None
-        _unregister(self)
-
     def restart(self, downtime: float = 0.0, *, graceful: bool = True) -> None:
         """Stop, stay down for ``downtime`` seconds, start on the same port.
 
@@ -191,11 +177,6 @@ class RedisServer(ChildServer):
             proc=self._proc,
             log_files=[self.log_path, tmp / "redis.stdout"],
         )
-
-    def _kill(self, graceful: bool = True) -> None:
-        if self._proc is not None:
-            stop_process(self._proc, graceful=graceful)
-            self._proc = None
 
     def _port_was_taken(self) -> bool:
         try:

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from . import ChildServer, _register, _unregister, require_binary, start_process, stop_process, wait_until
+from . import ChildServer, _register, require_binary, start_process, wait_until
 from .redis import RedisServer
 
 WORKERS = Path(__file__).resolve().parent.parent / "sidekiq" / "gitlab_workers.rb"
@@ -55,12 +54,3 @@ class SidekiqServer(ChildServer):
         if not self.received_log.exists():
             return []
         return [json.loads(line) for line in self.received_log.read_text().splitlines()]
-
-    def stop(self, *, graceful: bool = True) -> None:
-        if self._proc is not None:
-            stop_process(self._proc, graceful=graceful)
-            self._proc = None
-        if self._tmpdir is not None:
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
-            self._tmpdir = None
-        _unregister(self)
