@@ -107,6 +107,8 @@ def render_verdict(verdict: Verdict, config: Config) -> str:
         lines.append(f"  handler: {verdict.handler}")
         lines.append(f"  source:  {verdict.source}")
     lines.append(f"  reason:  {verdict.reason}")
+    if verdict.note:
+        lines.append(f"  note:    {verdict.note}")
     return "\n".join(lines)
 
 

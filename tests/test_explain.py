@@ -74,3 +74,11 @@ def test_mailbox_not_configured(tmp_path: Path) -> None:
     only.write_text('incoming_email:\n  address: "in+%{key}@h"\n')
     done = explain("--config", str(only), "--mailbox", "service_desk_email", str(EXAMPLES / "reply.eml"))
     assert done.returncode != 0 and b"not configured" in done.stderr
+
+
+def test_a_copy_gitlab_routes_elsewhere_is_said_in_plain_words(tmp_path: Path) -> None:
+    message = tmp_path / "two.eml"
+    message.write_bytes(b"To: incoming+59d8df8370b7e95c5a49fbf86aeb2c93@localhost\r\nSubject: x\r\n\r\nbody\r\n")
+    rcpt = "incoming+gitlab-org-gitlab-20-Tok3n-issue@localhost"
+    done = explain("--rcpt", rcpt, str(message))
+    assert f"note:    sent to {rcpt}, but GitLab will route this copy by to to key '59d8" in done.stdout.decode()
