@@ -26,7 +26,7 @@ import httpx
 
 from lmtp_gateway.collect import build_source, describe, is_collected
 from lmtp_gateway.config import Config, MailboxConfig, load_config
-from lmtp_gateway.errors import ConfigError, os_error_text
+from lmtp_gateway.errors import ConfigError, SecretError, os_error_text
 from lmtp_gateway.journal import Journal
 from lmtp_gateway.listen import Address
 from lmtp_gateway.logs import redact_urls
@@ -496,11 +496,15 @@ def check(
 ) -> list[Result]:
     """Load the configuration and run every check (a configuration that does not load is the only result)."""
     try:
-        config = load_config(config_path)
+        config = load_config(config_path).overridden(spool=spool)
+    except SecretError as error:
+        fix = (
+            "the file names it right, it is not at hand here: run check in the service's environment (systemd: "
+            "its Environment= or EnvironmentFile=), or name the secret with a *_file readable by check"
+        )
+        return [Result("fail", f"configuration: {error}", fix)]
     except ConfigError as error:
         return [Result("fail", f"configuration: {error}", "correct the file and run check again")]
-    if spool:
-        config = replace(config, spool=replace(config.spool, path=Path(spool)))
     return asyncio.run(run_checks(config, nameserver=nameserver, timeout=timeout))
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from lmtp_gateway.config import ENV_CONFIG, Config, load_config
-from lmtp_gateway.errors import ConfigError, GatewayError
+from lmtp_gateway.errors import GatewayError
 from lmtp_gateway.journal import Journal, State
 from lmtp_gateway.logs import setup_logging
 from lmtp_gateway.rules import MAILBOX_TYPES, Verdict, route
@@ -23,18 +23,23 @@ from lmtp_gateway.rules import MAILBOX_TYPES, Verdict, route
 CONFIG_HELP = f"Gateway YAML or GitLab's gitlab.yml (default: ${ENV_CONFIG}, else the embedded default)."
 
 
-def _load(config_path: str | None, spool: str | None = None) -> Config:
-    try:
-        config = load_config(config_path)
-    except ConfigError as error:
-        raise click.ClickException(str(error)) from None
+def _load(config_path: str | None, *, secrets: bool = True, **overrides: Any) -> Config:
+    """The configuration with the command line's overrides; `secrets=False` for the commands that deliver
+    nothing, so they run where the service's passwords are not at hand."""
+    config = load_config(config_path, secrets=secrets).overridden(**overrides)
     for warning in config.warnings:
         click.echo(f"warning: {warning}", err=True)
-    if spool:
-        from dataclasses import replace
-
-        config = replace(config, spool=replace(config.spool, path=Path(spool)))
     return config
+
+
+class _Commands(click.Group):
+    """A configuration, journal, listener or secret problem ends any command with its one line, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except GatewayError as error:
+            raise click.ClickException(str(error)) from None
 
 
 config_option = click.option(
@@ -48,7 +53,7 @@ spool_option = click.option(
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="lmtp-gateway")
 def main() -> None:
     """Incoming mail for self-managed GitLab: LMTP from Postfix in, Sidekiq jobs or webhook calls out.
@@ -79,7 +84,7 @@ def explain(config_path: str | None, rcpt: str | None, mailbox: str | None, as_j
       lmtp-gateway explain --rcpt 'incoming+group-project-42-Tok3n-issue@incoming.example.com' mail.eml
       lmtp-gateway explain --json - < mail.eml
     """
-    config = _load(config_path)
+    config = _load(config_path, secrets=False)
     if mailbox is not None and mailbox not in config.mailboxes:
         raise click.ClickException(f"--mailbox {mailbox}: not configured in {config.source}")
     raw = message.read()
@@ -146,22 +151,11 @@ def serve(
       lmtp-gateway serve --config /etc/lmtp-gateway/config.yml --listen unix:/run/lmtp-gateway/lmtp.sock
       lmtp-gateway serve --monitoring-listen 127.0.0.1:9100     # then: curl -s 127.0.0.1:9100/metrics
     """
-    from dataclasses import replace
-
-    from lmtp_gateway.config import monitoring_listen_option
     from lmtp_gateway.service import Gateway
 
     setup_logging(log_level, log_json)
-    config = _load(config_path, spool)
-    if listen:
-        config = replace(config, lmtp=replace(config.lmtp, listen=listen))
-    try:
-        if monitoring_listen is not None:
-            listen_on = monitoring_listen_option(monitoring_listen, "--monitoring-listen")
-            config = replace(config, monitoring=replace(config.monitoring, listen=listen_on))
-        gateway = Gateway(config)
-    except ConfigError as error:
-        raise click.ClickException(str(error)) from None
+    config = _load(config_path, spool=spool, listen=listen, monitoring_listen=monitoring_listen)
+    gateway = Gateway(config)
 
     def ready(running: Gateway) -> None:
         monitoring = f"; monitoring http://{running.ops.address}/metrics" if running.ops.address else ""
@@ -208,11 +202,8 @@ def collect(
     from lmtp_gateway.service import Gateway
 
     setup_logging(log_level, log_json)
-    config = _load(config_path, spool)
-    try:
-        gateway = Gateway(config, listen=False, collect=True, only_mailbox=mailbox)
-    except ConfigError as error:
-        raise click.ClickException(str(error)) from None
+    config = _load(config_path, spool=spool)
+    gateway = Gateway(config, listen=False, collect=True, only_mailbox=mailbox)
     names = ", ".join(c.source.name for c in gateway.collectors)
     try:
         if not once:
@@ -284,11 +275,13 @@ def check(config_path: str | None, spool: str | None, nameserver: str | None, ti
 
 
 def _journal(config: Config) -> Journal:
+    """The journal the configuration names, said on standard error (which one is looked at is never a guess)."""
     journal = Journal(config.spool.path, sync=config.spool.sync)
     if not journal.root.is_dir():
-        click.echo(
-            f"note: no journal at {journal.root} yet (spool.path in {config.source}): nothing received", err=True
-        )
+        where = f"spool.path in {config.source}"
+        click.echo(f"note: no journal at {journal.root} yet ({where}): nothing received", err=True)
+    else:
+        click.echo(f"journal: {journal.root}", err=True)
     return journal
 
 
@@ -368,7 +361,7 @@ def replay(
     from lmtp_gateway import replay as replaying
 
     setup_logging("warning")
-    config = _load(config_path, spool)
+    config = _load(config_path, spool=spool)
     selection = _selection(ids, states, mailbox, since, until)
     selecting = bool(ids or states or mailbox or since is not None or until is not None)
     if not selecting and not files and not quarantined:
@@ -377,21 +370,19 @@ def replay(
         )
     if files and (ids or states):
         raise click.UsageError("FILES are fed in as new mail: do not combine them with --id or --state")
-    try:
-        lines = asyncio.run(
-            replaying.run(
-                config,
-                selection=selection if selecting and not files else None,
-                files=files,
-                quarantined=quarantined,
-                rcpt=rcpt,
-                mail_from=mail_from,
-                dry_run=dry_run,
-                progress=_Progress,
-            )
+    click.echo(f"journal: {config.spool.path}", err=True)
+    lines = asyncio.run(
+        replaying.run(
+            config,
+            selection=selection if selecting and not files else None,
+            files=files,
+            quarantined=quarantined,
+            rcpt=rcpt,
+            mail_from=mail_from,
+            dry_run=dry_run,
+            progress=_Progress,
         )
-    except ConfigError as error:
-        raise click.ClickException(str(error)) from None
+    )
     for line in lines:
         click.echo(f"{line.what}  {line.action}  {line.detail}".rstrip())
     click.echo(replaying.summary(lines), err=True)
@@ -438,7 +429,7 @@ def policy(config_path: str | None, listen: tuple[str, ...], stdio: bool) -> Non
     from lmtp_gateway.policy import PolicyServer
 
     setup_logging("warning" if stdio else "info")
-    config = _load(config_path)
+    config = _load(config_path, secrets=False)
     server = PolicyServer(config.routing)
     addresses = listen or config.policy.listen
     if stdio:
@@ -482,7 +473,7 @@ def postfix_config(config_path: str | None, part: str | None, user: str) -> None
     """
     from lmtp_gateway.postfix import render
 
-    config = _load(config_path)
+    config = _load(config_path, secrets=False)
     executable = shutil.which("lmtp-gateway") or str(Path(sys.argv[0]).resolve())
     fragment = render(config, executable=executable, user=user)
     if part != "master":
@@ -529,7 +520,7 @@ def spool_list(
     """
     from lmtp_gateway.spool import select, set_aside
 
-    journal = _journal(_load(config_path, spool))
+    journal = _journal(_load(config_path, secrets=False, spool=spool))
     if quarantined:
         for found in set_aside(journal, ids):
             problem = found.problem or f"whole again: lmtp-gateway replay --quarantined --id {found.id}"
@@ -570,7 +561,7 @@ def spool_show(config_path: str | None, spool: str | None, with_message: bool, e
     """
     from lmtp_gateway.spool import Selection, select
 
-    journal = _journal(_load(config_path, spool))
+    journal = _journal(_load(config_path, secrets=False, spool=spool))
     found = select(journal, Selection(ids=(entry_id,)))
     if len(found) != 1:
         raise click.ClickException(f"{entry_id}: {'no entry' if not found else f'{len(found)} entries'} with this id")
@@ -594,7 +585,7 @@ def spool_stats(config_path: str | None, spool: str | None, as_json: bool) -> No
     """
     from lmtp_gateway.spool import stats
 
-    counted = stats(_journal(_load(config_path, spool)))
+    counted = stats(_journal(_load(config_path, secrets=False, spool=spool)))
     if as_json:
         click.echo(json.dumps(counted.as_dict()))
         return
@@ -650,10 +641,7 @@ def config_import(output: Path | None, include_secrets: bool, secrets_dir: Path 
     if include_secrets and secrets_dir:
         raise click.UsageError("give either --include-secrets or --secrets-dir, not both")
     secrets_dir = secrets_dir.resolve() if secrets_dir else None  # the gateway may run from another directory
-    try:
-        imported = import_file(file, include_secrets=include_secrets, secrets_dir=secrets_dir)
-    except ConfigError as error:
-        raise click.ClickException(str(error)) from None
+    imported = import_file(file, include_secrets=include_secrets, secrets_dir=secrets_dir)
     for warning in imported.warnings:
         click.echo(f"warning: {warning}", err=True)
     if secrets_dir is not None and imported.secret_files:
@@ -692,24 +680,18 @@ def _key_bases(key_file: str | None, config_path: str | None, generate: bool = F
     from lmtp_gateway.secrets import KEY_FILE_KEY, create_key_file, read_key_bases
 
     if key_file is None and config_path is not None:
-        import yaml
-
-        try:
-            data = yaml.safe_load(Path(config_path).read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as error:
-            raise click.ClickException(f"{config_path}: cannot read: {error}") from None
-        key_file = data.get(KEY_FILE_KEY) if isinstance(data, dict) else None
-        if key_file is None:
-            raise click.ClickException(f"{config_path}: no {KEY_FILE_KEY}; give --key-file")
+        found = load_config(config_path, secrets=False).encrypted_settings_key_file
+        if found is None:
+            where = "no secrets.yml beside it" if config_path.endswith("gitlab.yml") else f"no {KEY_FILE_KEY}"
+            raise click.ClickException(f"{config_path}: {where}; give --key-file")
+        key_file = str(found)
     if key_file is None:
         raise click.UsageError("give --key-file KEY (or --config FILE with encrypted_settings_key_file)")
-    try:
-        if generate:
-            create_key_file(Path(key_file))
-            click.echo(f"new key written to {key_file} (mode 0600); keep a copy: without it the file is lost", err=True)
-        return read_key_bases(Path(key_file))
-    except ConfigError as error:
-        raise click.ClickException(str(error)) from None
+    path = Path(key_file).expanduser()
+    if generate:
+        create_key_file(path)
+        click.echo(f"new key written to {path} (mode 0600); keep a copy: without it the file is lost", err=True)
+    return read_key_bases(path)
 
 
 _key_file_option = click.option(
@@ -728,7 +710,7 @@ _secret_config_option = click.option(
 @click.option("--generate-key", is_flag=True, help="Create KEY with a new random key first (mode 0600).")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 def secret_edit(key_file: str | None, config_path: str | None, generate_key: bool, file: Path) -> None:
-    """Edit the encrypted credentials FILE in $EDITOR (creating it if it does not exist).
+    """Edit the encrypted credentials FILE in $EDITOR, else editor or vi (creating it if it does not exist).
 
     The decrypted text is written to a 0600 file in a private temporary directory, re-encrypted when the editor
     exits and removed in every case. Content that is not a YAML mapping is not saved.
@@ -744,16 +726,13 @@ def secret_edit(key_file: str | None, config_path: str | None, generate_key: boo
 
     from lmtp_gateway.secrets import edit_encrypted
 
-    editor = os.environ.get("EDITOR") or os.environ.get("VISUAL")
+    editor = os.environ.get("EDITOR") or os.environ.get("VISUAL") or shutil.which("editor") or shutil.which("vi")
     if not editor:
-        raise click.UsageError(f"no $EDITOR: run it as EDITOR=vi lmtp-gateway secret edit {file} ...")
+        raise click.UsageError(f"no editor found: run it as EDITOR=nano lmtp-gateway secret edit {file} ...")
     if not file.parent.is_dir():
         raise click.ClickException(f"{file.parent}: no such directory; create it first")
     key_bases = _key_bases(key_file, config_path, generate=generate_key)
-    try:
-        result = edit_encrypted(file, key_bases, editor)
-    except ConfigError as error:
-        raise click.ClickException(str(error)) from None
+    result = edit_encrypted(file, key_bases, editor)
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
     click.echo(f"{file}: {'encrypted and saved' if result.changed else 'unchanged'}", err=True)
@@ -774,10 +753,7 @@ def secret_show(key_file: str | None, config_path: str | None, file: Path) -> No
 
     if not file.exists():
         raise click.ClickException(f"{file}: no such file; create it with: lmtp-gateway secret edit {file}")
-    try:
-        click.echo(read_encrypted_text(file, _key_bases(key_file, config_path)), nl=False)
-    except ConfigError as error:
-        raise click.ClickException(str(error)) from None
+    click.echo(read_encrypted_text(file, _key_bases(key_file, config_path)), nl=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

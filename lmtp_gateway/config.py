@@ -12,13 +12,14 @@ import functools
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from lmtp_gateway.errors import ConfigError, TemplateError
+from lmtp_gateway.listen import Address
 from lmtp_gateway.rules import (
     INCOMING_EMAIL,
     MAILBOX_TYPES,
@@ -27,7 +28,7 @@ from lmtp_gateway.rules import (
     RoutingTable,
     classify_key,
 )
-from lmtp_gateway.secrets import resolve_secrets
+from lmtp_gateway.secrets import KEY_FILE_KEY, resolve_secrets
 
 ENV_CONFIG = "LMTP_GATEWAY_CONFIG"
 DEFAULT_LISTEN = "127.0.0.1:2424"
@@ -104,9 +105,10 @@ def _file_mode(value: Any) -> int:
     raise ValueError(f"expected an octal mode such as '0660', got {_kind(value)}")
 
 
-def _string_list(value: Any) -> tuple[str, ...]:
+def _addresses(value: Any) -> tuple[str, ...]:
+    """One or more listeners: HOST:PORT or unix:PATH (listen.Address)."""
     items = value if isinstance(value, list) else [value]
-    return tuple(_string(item) for item in items)
+    return tuple(str(Address.parse(_string(item))) for item in items)
 
 
 def _choice(*choices: str) -> Callable[[Any], str]:
@@ -130,19 +132,13 @@ def _http_listen(value: Any) -> str:
     """HOST:PORT for the monitoring listener, or "" when it is off ("off", "" or YAML's bare off/false)."""
     if value is False or value is None or (isinstance(value, str) and value.strip().lower() in ("", "off")):
         return ""
-    text = _string(value).strip()
-    host, colon, port = text.rpartition(":")
-    if not colon or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"expected HOST:PORT such as 127.0.0.1:9425, or off; got {_kind(value)}")
-    return f"{host or '127.0.0.1'}:{int(port)}"
-
-
-def monitoring_listen_option(value: str, where: str) -> str:
-    """A command-line override of a monitoring listener, checked like the configuration key."""
     try:
-        return _http_listen(value)
-    except ValueError as error:
-        raise ConfigError(f"{where}: {error}") from None
+        address = Address.parse(_string(value))
+    except ValueError:
+        address = None
+    if address is None or address.is_unix:
+        raise ValueError(f"expected HOST:PORT such as 127.0.0.1:9425, or off; got {_kind(value)}")
+    return str(address)
 
 
 def _custom_emails(value: Any) -> dict[str, str]:
@@ -246,7 +242,7 @@ SCHEMA: Schema = {
     "incoming_email": MAILBOX_SCHEMA,
     "service_desk_email": MAILBOX_SCHEMA,
     "lmtp": {
-        "listen": _string_list,
+        "listen": _addresses,
         "max_message_size": parse_size,
         "max_recipients": _positive,
         "max_transaction_bytes": parse_size,
@@ -264,7 +260,7 @@ SCHEMA: Schema = {
             "timestamp_style": _choice(*TIMESTAMP_STYLES),
         }
     ),
-    "policy": {"listen": _string_list},
+    "policy": {"listen": _addresses},
     "spool": {"path": _string, "retention": parse_duration, "sync": _sync_method},
     "encrypted_settings_key_file": _string,  # GitLab's encrypted_settings_key_base, for encrypted_secret_file
     "monitoring": {"listen": _http_listen, "collect_listen": _http_listen},
@@ -370,6 +366,24 @@ class Config:
     redis_given: bool = False  # a redis: section, so Redis is there even for webhook or maildir delivery
     custom_emails: Mapping[str, str] = field(default_factory=dict)  # Service Desk custom email → project key
     webhook_timeout: int = 90  # seconds for GitLab's answer to a webhook POST: above GitLab's own 60 s
+    encrypted_settings_key_file: Path | None = None  # GitLab's encrypted_settings_key_base (secrets.yml)
+
+    def overridden(
+        self, *, spool: str | None = None, listen: tuple[str, ...] = (), monitoring_listen: str | None = None
+    ) -> Config:
+        """This configuration with what the command line gives instead (checked as the keys are)."""
+        config = self
+        if spool:
+            config = replace(config, spool=replace(config.spool, path=Path(spool).expanduser()))
+        try:
+            if listen:
+                config = replace(config, lmtp=replace(config.lmtp, listen=_addresses(list(listen))))
+            if monitoring_listen is not None:
+                config = replace(config, monitoring=replace(config.monitoring, listen=_http_listen(monitoring_listen)))
+        except ValueError as error:
+            option = "--listen" if listen else "--monitoring-listen"
+            raise ConfigError(f"{option}: {error}") from None
+        return config
 
     @property
     def uses_redis(self) -> bool:
@@ -382,10 +396,16 @@ class Config:
         return RoutingTable(self.gitlab_host, mailboxes, self.custom_emails)
 
 
+SYSTEM_SPOOL = Path("/var/lib/lmtp-gateway")  # the systemd unit's StateDirectory=lmtp-gateway
+
+
 def default_spool_path() -> Path:
-    """systemd's StateDirectory when run as a unit, else the XDG state directory."""
+    """systemd's StateDirectory when run as a unit; else the service's journal when this machine has one (an
+    admin's `spool list` as root looks where the service writes); else the XDG state directory."""
     if os.environ.get("STATE_DIRECTORY"):
         return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
+    if SYSTEM_SPOOL.is_dir() and os.access(SYSTEM_SPOOL, os.R_OK | os.X_OK):
+        return SYSTEM_SPOOL
     state_home = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
     return Path(state_home) / "lmtp-gateway"
 
@@ -408,8 +428,10 @@ def is_gitlab_yml(data: Any) -> bool:
     return isinstance(data, dict) and "production" in data and "gitlab" not in data
 
 
-def load_config(path: str | os.PathLike[str] | None = None) -> Config:
-    """Load `path`, else $LMTP_GATEWAY_CONFIG, else the embedded default."""
+def load_config(path: str | os.PathLike[str] | None = None, *, secrets: bool = True) -> Config:
+    """Load `path`, else $LMTP_GATEWAY_CONFIG, else the embedded default. `secrets=False` leaves passwords and
+    client secrets unread: for the commands that deliver nothing and log in nowhere (explain, spool,
+    postfix-config, policy), which then run where the service's secrets are not at hand."""
     chosen = path if path is not None else os.environ.get(ENV_CONFIG) or None
     if chosen is None:
         return parse_config(EMBEDDED_DEFAULT, "<embedded default>")
@@ -420,10 +442,10 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         raise ConfigError(f"{source}: no such file (give --config FILE or set {ENV_CONFIG})") from None
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"{source}: cannot read: {error}") from None
-    return parse_config(text, source)
+    return parse_config(text, source, secrets=secrets)
 
 
-def parse_config(text: str, source: str) -> Config:
+def parse_config(text: str, source: str, *, secrets: bool = True) -> Config:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
@@ -442,7 +464,7 @@ def parse_config(text: str, source: str) -> Config:
     if data is None:
         raise ConfigError(f"{source}: the file is empty; see contrib/config/ for examples")
     checked = _check(data, SCHEMA, "", source, strict)
-    return _build(checked, source, default_delivery, tuple(warnings))
+    return _build(checked, source, default_delivery, tuple(warnings), secrets)
 
 
 def _from_gitlab_yml(data: dict[str, Any], source: str, warnings: list[str]) -> dict[str, Any]:
@@ -450,8 +472,12 @@ def _from_gitlab_yml(data: dict[str, Any], source: str, warnings: list[str]) -> 
     if not isinstance(production, dict):
         raise ConfigError(f"{source}: production: expected the production environment's settings")
     gitlab = production.get("gitlab") or {}
+    if not isinstance(gitlab, dict):
+        raise ConfigError(
+            f"{source}: production.gitlab: expected GitLab's settings (host, port, https…), got {_kind(gitlab)}"
+        )
     result: dict[str, Any] = {"gitlab": {"host": gitlab.get("host", "localhost")}}
-    if isinstance(gitlab, dict) and gitlab.get("host"):
+    if gitlab.get("host"):
         scheme = "https" if gitlab.get("https") else "http"
         port = gitlab.get("port")
         default_port = 443 if scheme == "https" else 80
@@ -467,14 +493,16 @@ def _from_gitlab_yml(data: dict[str, Any], source: str, warnings: list[str]) -> 
             result[name] = section
     # GitLab's mail_room reads encrypted_settings_key_base from config/secrets.yml beside gitlab.yml; so do we.
     secrets_yml = Path(source).parent / "secrets.yml"
-    wanted = any(isinstance(result.get(n), dict) and result[n].get("encrypted_secret_file") for n in MAILBOX_TYPES)
-    if wanted and secrets_yml.is_file():
+    if secrets_yml.is_file():
         result["encrypted_settings_key_file"] = str(secrets_yml)
     return result
 
 
-def _build(data: dict[str, Any], source: str, default_delivery: str, warnings: tuple[str, ...]) -> Config:
-    data = resolve_secrets(data, source, MAILBOX_TYPES)
+def _build(
+    data: dict[str, Any], source: str, default_delivery: str, warnings: tuple[str, ...], secrets: bool
+) -> Config:
+    key_file = data.get(KEY_FILE_KEY)
+    data = resolve_secrets(data, source, MAILBOX_TYPES) if secrets else data
     gitlab = data.get("gitlab", {})
     mailboxes: dict[str, MailboxConfig] = {}
     for name in MAILBOX_TYPES:
@@ -534,4 +562,5 @@ def _build(data: dict[str, Any], source: str, default_delivery: str, warnings: t
         monitoring=MonitoringConfig(**data.get("monitoring", {})),
         redis_given="redis" in data,
         custom_emails=data.get("custom_emails", {}),
+        encrypted_settings_key_file=Path(key_file).expanduser() if key_file else None,
     )

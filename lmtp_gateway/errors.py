@@ -19,6 +19,11 @@ class ConfigError(GatewayError):
     """A configuration problem, phrased so the admin knows what to fix (file, dotted key, what is wrong)."""
 
 
+class SecretError(ConfigError):
+    """A secret the configuration names cannot be had here (a variable not set, a file not readable): the
+    configuration may be right, and the environment the command runs in is what to fix."""
+
+
 class ListenError(GatewayError):
     """A listener cannot be opened (the port is taken, the socket's directory is not ours)."""
 

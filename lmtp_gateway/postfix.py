@@ -93,19 +93,3 @@ def render(config: Config, *, executable: str, user: str = "lmtp-gateway") -> Fr
             f"    user={user} argv={executable} policy{given} --stdio",
         ]
     return Fragment("\n".join(lines) + "\n", "\n".join(master) + "\n")
-
-
-def parse_main_cf(text: str) -> dict[str, str]:
-    """name = value pairs of a main.cf text, continuation lines joined, comments dropped (as postconf reads it)."""
-    settings: dict[str, str] = {}
-    name = None
-    for line in text.splitlines():
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        if line[0].isspace() and name is not None:
-            settings[name] = f"{settings[name]} {line.strip()}".strip()
-            continue
-        name, _, value = line.partition("=")
-        name = name.strip()
-        settings[name] = value.strip()
-    return settings

@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 
-from lmtp_gateway.errors import ConfigError
+from lmtp_gateway.errors import ConfigError, SecretError
 
 FILE_SUFFIX = "_file"
 ENV_SUFFIX = "_env"
@@ -88,7 +88,7 @@ def read_secret_file(path: Path, what: str) -> str:
 def read_secret_env(name: str, what: str) -> str:
     value = os.environ.get(name)
     if not value:
-        raise ConfigError(f"{what}: environment variable {name} is {'empty' if value == '' else 'not set'}")
+        raise SecretError(f"{what}: environment variable {name} is {'empty' if value == '' else 'not set'}")
     return value
 
 

@@ -313,3 +313,15 @@ async def test_damaged_entries_are_reported(lmtp_address: str, dns: DnsmasqServe
     done = await run_check(config, dns)
     assert "1 damaged entries set aside" in line(done, "warn  journal")
     assert "lmtp-gateway replay --quarantined" in line(done, "warn  journal")
+
+
+def test_a_secret_not_at_hand_says_where_to_set_it(tmp_path: Path) -> None:
+    """The configuration names the variable right; the shell check runs in does not have it."""
+    config = tmp_path / "gw.yml"
+    config.write_text('incoming_email:\n  address: "a+%{key}@b.example"\n  host: imap.example.org\n  user: u\n'
+                      "  password_env: INCOMING_EMAIL_PASSWORD_NOT_HERE\n")  # fmt: skip
+    done = subprocess.run([*lmtp_gateway_command(), "check", "--config", str(config)], capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert done.returncode == 1
+    assert "INCOMING_EMAIL_PASSWORD_NOT_HERE is not set" in done.stdout
+    assert "run check in the service's environment" in done.stdout and "correct the file" not in done.stdout

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from lmtp_gateway.config import load_config, parse_config, parse_duration, parse_size
-from lmtp_gateway.errors import ConfigError
+from lmtp_gateway.errors import ConfigError, SecretError
 
 GOOD = """
 gitlab:
@@ -87,6 +87,15 @@ def error_of(text: str) -> str:
             "gw.yml: gitlab.url: needed by",
         ),
         ("a: [b", "gw.yml: not valid YAML at line 1"),
+        (
+            "incoming_email:\n  address: a+%{key}@b\nlmtp:\n  listen: localhost",
+            "gw.yml: lmtp.listen: expected HOST:PORT (such as 127.0.0.1:2424) or unix:PATH, got 'localhost'",
+        ),
+        ("production:\n  gitlab: x", "gw.yml: production.gitlab: expected GitLab's settings (host, port, https…)"),
+        (
+            "incoming_email:\n  address: a+%{key}@b\ncustom_emails:\n  support@example.org: not-a-key",
+            "custom_emails: support@example.org: 'not-a-key' is not a project's Service Desk key",
+        ),
     ],
 )
 def test_errors_name_file_key_and_problem(text: str, expected: str) -> None:
@@ -181,3 +190,39 @@ def test_durations(text: object, value: int) -> None:
 def test_spool_sync_reads_yaml_booleans_as_people_mean_them(text: str, method: str) -> None:
     config = parse_config(f"incoming_email: {{address: 'a+%{{key}}@b'}}\nspool: {{sync: {text}}}\n", "gw.yml")
     assert config.spool.sync == method
+
+
+def test_commands_that_deliver_nothing_load_without_the_services_secrets(tmp_path: Path) -> None:
+    """explain, spool, postfix-config and policy run where the service's environment is not at hand."""
+    path = tmp_path / "gw.yml"
+    path.write_text(
+        "incoming_email:\n  address: a+%{key}@b\n  host: imap.example.org\n  user: u\n"
+        "  password_env: NOT_SET_IN_THIS_TEST\n"
+    )
+    with pytest.raises(SecretError, match="environment variable NOT_SET_IN_THIS_TEST is not set"):
+        load_config(path)
+    assert load_config(path, secrets=False).mailboxes["incoming_email"].template.text == "a+%{key}@b"
+
+
+def test_command_line_overrides_are_checked_like_the_keys() -> None:
+    config = parse_config("incoming_email:\n  address: a+%{key}@b\n", "gw.yml")
+    changed = config.overridden(spool="~/journal", listen=("[::1]:25",), monitoring_listen="off")
+    assert changed.spool.path == Path("~/journal").expanduser()
+    assert changed.lmtp.listen == ("[::1]:25",) and changed.monitoring.listen == ""
+    with pytest.raises(ConfigError, match="--monitoring-listen: expected HOST:PORT"):
+        config.overridden(monitoring_listen="unix:/tmp/x")
+
+
+def test_the_default_journal_is_the_services_when_this_machine_has_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lmtp_gateway import config as configuration
+
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(configuration, "SYSTEM_SPOOL", tmp_path / "var-lib-lmtp-gateway")
+    assert configuration.default_spool_path() == tmp_path / "xdg" / "lmtp-gateway"
+    (tmp_path / "var-lib-lmtp-gateway").mkdir()
+    assert configuration.default_spool_path() == tmp_path / "var-lib-lmtp-gateway"
+    monkeypatch.setenv("STATE_DIRECTORY", "/run/elsewhere")
+    assert configuration.default_spool_path() == Path("/run/elsewhere")

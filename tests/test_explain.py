@@ -82,3 +82,14 @@ def test_a_copy_gitlab_routes_elsewhere_is_said_in_plain_words(tmp_path: Path) -
     rcpt = "incoming+gitlab-org-gitlab-20-Tok3n-issue@localhost"
     done = explain("--rcpt", rcpt, str(message))
     assert f"note:    sent to {rcpt}, but GitLab will route this copy by to to key '59d8" in done.stdout.decode()
+
+
+def test_read_only_commands_need_none_of_the_services_secrets(tmp_path: Path) -> None:
+    """After `config import`, the passwords are variables set in the service's environment only."""
+    config = tmp_path / "gw.yml"
+    config.write_text('incoming_email:\n  address: "incoming+%{key}@localhost"\n  host: imap.example.org\n'
+                      f"  user: u\n  password_env: NOT_SET_HERE\nspool:\n  path: {tmp_path / 'spool'}\n")  # fmt: skip
+    assert explain("--config", str(config), str(EXAMPLES / "reply.eml")).returncode == 0
+    for command in (["spool", "list"], ["spool", "stats"], ["postfix-config"]):
+        done = subprocess.run([lmtp_gateway(), *command, "--config", str(config)], capture_output=True, timeout=60)
+        assert done.returncode == 0, (command, done.stderr)

@@ -7,9 +7,10 @@ from pathlib import Path
 
 from lmtp_gateway.config import load_config
 from lmtp_gateway.policy import policy_action
-from lmtp_gateway.postfix import parse_main_cf, render
+from lmtp_gateway.postfix import render
 from lmtp_gateway.rules import RoutingTable
 from tests.conftest import REPLY_KEY, REPO, finishes_within, lmtp_gateway_command
+from tests.servers.postfix import parse_main_cf
 
 
 def ask(table: RoutingTable, recipient: str, **extra: str) -> str:

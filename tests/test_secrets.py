@@ -191,6 +191,20 @@ def test_gitlab_yml_uses_secrets_yml_beside_it(tmp_path: Path) -> None:
     )
     settings = load_config(gitlab_yml).mailboxes["incoming_email"].settings
     assert settings["password"] == "examplepassword"
+    # and `secret show --config gitlab.yml` finds the key where GitLab keeps it
+    shown = run_cli("secret", "show", str(enc), "--config", str(gitlab_yml))
+    assert shown.returncode == 0 and "examplepassword" in shown.stdout
+
+
+def test_secret_config_expands_a_home_directory(tmp_path: Path) -> None:
+    key = private(tmp_path / "key", KEY_BASE)
+    enc = tmp_path / "incoming_email.yaml.enc"
+    enc.write_bytes(VECTOR)
+    config = tmp_path / "gw.yml"
+    config.write_text(MAILBOX + "encrypted_settings_key_file: ~/key\n")
+    shown = run_cli("secret", "show", str(enc), "--config", str(config), env={**os.environ, "HOME": str(tmp_path)})
+    assert shown.returncode == 0 and "examplepassword" in shown.stdout
+    assert key.exists()
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -252,8 +266,15 @@ def test_secret_edit_failures_keep_the_file_and_remove_the_plaintext(tmp_path: P
     done = run_cli("secret", "show", str(enc), "--key-file", str(wrong))
     assert done.returncode == 1 and "wrong key" in done.stderr
     with_true = {**os.environ, "EDITOR": "true"}
-    no_editor = {k: v for k, v in os.environ.items() if k not in ("EDITOR", "VISUAL")}
-    done = run_cli("secret", "edit", str(enc), "--key-file", str(key), env=no_editor)
-    assert done.returncode == 2 and "EDITOR=vi lmtp-gateway secret edit" in done.stderr
+    # without $EDITOR, Debian's `editor` (then vi) is used, as git and crontab do; with none of them, it says so
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "editor").symlink_to(editor_script(tmp_path, "true\n"))
+    only_editor = {k: v for k, v in os.environ.items() if k not in ("EDITOR", "VISUAL")} | {"PATH": str(bin_dir)}
+    done = run_cli("secret", "edit", str(enc), "--key-file", str(key), env=only_editor)
+    assert done.returncode == 0 and "unchanged" in done.stderr
+    (bin_dir / "editor").unlink()
+    done = run_cli("secret", "edit", str(enc), "--key-file", str(key), env=only_editor)
+    assert done.returncode == 2 and "no editor found: run it as EDITOR=nano lmtp-gateway secret edit" in done.stderr
     done = run_cli("secret", "edit", str(enc), "--key-file", str(key), "--generate-key", env=with_true)
     assert done.returncode == 1 and "already exists" in done.stderr

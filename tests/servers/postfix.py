@@ -141,7 +141,6 @@ def postfix_for_gateway(
 ) -> PostfixServer:
     """A Postfix (not yet started) configured with exactly what `lmtp-gateway postfix-config` prints for
     `config`; `command` runs lmtp-gateway. Only the certificate paths are replaced (site-specific)."""
-    from lmtp_gateway.postfix import parse_main_cf
 
     fragments = {
         part: subprocess.run(
@@ -664,3 +663,19 @@ def _write_settled(path: Path, text: str) -> None:
 def _check_next_hop(next_hop: str) -> None:
     if not re.fullmatch(r"[a-z0-9-]+:[^\s,={}]+", next_hop):
         raise ValueError(f"invalid next hop {next_hop!r} (want e.g. lmtp:inet:127.0.0.1:2424 or lmtp:unix:/path)")
+
+
+def parse_main_cf(text: str) -> dict[str, str]:
+    """name = value pairs of a main.cf text, continuation lines joined, comments dropped (as postconf reads it)."""
+    settings: dict[str, str] = {}
+    name = None
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if line[0].isspace() and name is not None:
+            settings[name] = f"{settings[name]} {line.strip()}".strip()
+            continue
+        name, _, value = line.partition("=")
+        name = name.strip()
+        settings[name] = value.strip()
+    return settings
