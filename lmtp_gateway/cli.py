@@ -60,7 +60,7 @@ def main() -> None:
 
     \b
     Start with:
-      lmtp-gateway explain --config /etc/lmtp-gateway/config.yml message.eml
+      lmtp-gateway explain --config /etc/lmtp-gateway/gateway.yml message.eml
     """
 
 
@@ -148,7 +148,7 @@ def serve(
     \b
     Example (embedded default: LMTP on 127.0.0.1:2424, Maildir under ~/.local/state/lmtp-gateway):
       lmtp-gateway serve
-      lmtp-gateway serve --config /etc/lmtp-gateway/config.yml --listen unix:/run/lmtp-gateway/lmtp.sock
+      lmtp-gateway serve --config /etc/lmtp-gateway/gateway.yml --listen unix:/run/lmtp-gateway/lmtp.sock
       lmtp-gateway serve --monitoring-listen 127.0.0.1:9100     # then: curl -s 127.0.0.1:9100/metrics
     """
     from lmtp_gateway.service import Gateway
@@ -255,7 +255,7 @@ def check(config_path: str | None, spool: str | None, nameserver: str | None, ti
 
     \b
     Example:
-      lmtp-gateway check --config /etc/lmtp-gateway/config.yml
+      lmtp-gateway check --config /etc/lmtp-gateway/gateway.yml
       lmtp-gateway check --config /etc/gitlab/gitlab.yml --nameserver 127.0.0.53 --json
     """
     from lmtp_gateway import check as checking
@@ -424,7 +424,7 @@ def policy(config_path: str | None, listen: tuple[str, ...], stdio: bool) -> Non
     \b
     Examples:
       lmtp-gateway policy --config contrib/config/postfix.yml                 # listens on policy.listen
-      lmtp-gateway policy --config /etc/lmtp-gateway/config.yml --stdio       # in master.cf, via spawn
+      lmtp-gateway policy --config /etc/lmtp-gateway/gateway.yml --stdio       # in master.cf, via spawn
     """
     from lmtp_gateway.policy import PolicyServer
 
@@ -437,18 +437,44 @@ def policy(config_path: str | None, listen: tuple[str, ...], stdio: bool) -> Non
         return
     if not addresses:
         raise click.UsageError("give --listen ADDR, policy.listen in the configuration, or --stdio")
+    asyncio.run(_listen_until_stopped("policy", server, addresses))
 
-    async def run() -> None:
-        for address in addresses:
-            click.echo(f"lmtp-gateway policy: listening on {await server.listen(address)}", err=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        await server.close()
 
-    asyncio.run(run())
+async def _listen_until_stopped(name: str, server: Any, addresses: tuple[str, ...]) -> None:
+    """A small service (policy, milter) on its addresses until SIGTERM or Ctrl-C."""
+    for address in addresses:
+        click.echo(f"lmtp-gateway {name}: listening on {await server.listen(address)}", err=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.close()
+
+
+# --- milter ---
+
+
+@main.command()
+@config_option
+@click.option("--listen", multiple=True, metavar="ADDR", help="HOST:PORT or unix:PATH (default: milter.listen).")
+def milter(config_path: str | None, listen: tuple[str, ...]) -> None:
+    """Refuse, before Postfix queues it, mail GitLab would refuse: no bounce to a sender who may be forged.
+
+    A Postfix milter (smtpd_milters): at the end of DATA it applies GitLab's rules to each GitLab recipient's
+    copy, as the gateway will after LMTP. Mail with no key for a dedicated address, or whose first key fits no
+    GitLab handler, gets 550 while the sending server is still connected; a refused recipient among others that
+    are kept is removed from the message. Runs apart from `serve`, like the policy service.
+
+    \b
+    Examples:
+      lmtp-gateway milter --config /etc/lmtp-gateway/gateway.yml        # on milter.listen, 127.0.0.1:2426
+    """
+    from lmtp_gateway.milter import MilterServer
+
+    setup_logging("info")
+    config = _load(config_path, secrets=False)
+    asyncio.run(_listen_until_stopped("milter", MilterServer(config.routing), listen or config.milter.listen))
 
 
 # --- postfix-config ---
@@ -463,13 +489,18 @@ def postfix_config(config_path: str | None, part: str | None, user: str) -> None
     """Print the Postfix main.cf and master.cf fragments for this configuration.
 
     Domains come from the address templates, the LMTP next hop from lmtp.listen, message_size_limit from
-    lmtp.max_message_size and the policy service from policy.listen, so Postfix and the gateway agree. Without
-    policy.listen, master.cf gets a spawn(8) entry that runs `lmtp-gateway policy --stdio` for Postfix.
+    lmtp.max_message_size, the policy service from policy.listen and the milter from milter.listen, so Postfix
+    and the gateway agree. Without policy.listen, master.cf gets a spawn(8) entry that runs
+    `lmtp-gateway policy --stdio` for Postfix.
+
+    Merge the fragments into /etc/postfix/main.cf and master.cf by hand: a parameter main.cf already sets
+    (smtpd_recipient_restrictions, smtpd_milters above all) must be merged, not added a second time, or the
+    later line silently replaces the earlier one. Then: postfix check && postfix reload.
 
     \b
     Example:
       lmtp-gateway postfix-config --config contrib/config/postfix.yml
-      lmtp-gateway postfix-config --config contrib/config/postfix.yml --main-cf >> /etc/postfix/main.cf
+      lmtp-gateway postfix-config --config /etc/lmtp-gateway/gateway.yml --main-cf | less
     """
     from lmtp_gateway.postfix import render
 

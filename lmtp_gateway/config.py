@@ -32,6 +32,7 @@ from lmtp_gateway.secrets import KEY_FILE_KEY, resolve_secrets
 
 ENV_CONFIG = "LMTP_GATEWAY_CONFIG"
 DEFAULT_LISTEN = "127.0.0.1:2424"
+DEFAULT_MILTER_LISTEN = "127.0.0.1:2426"  # TCP: Debian's smtpd runs chrooted, a UNIX socket would have to be inside
 DEFAULT_MONITORING_LISTEN = "127.0.0.1:9425"  # serve's /metrics, /livez, /readyz
 DEFAULT_COLLECT_MONITORING_LISTEN = "127.0.0.1:9426"  # the same for collect, so both can run on one host
 DEFAULT_MAX_MESSAGE_SIZE = 25 * 1024 * 1024
@@ -261,6 +262,7 @@ SCHEMA: Schema = {
         }
     ),
     "policy": {"listen": _addresses},
+    "milter": {"listen": _addresses},
     "spool": {"path": _string, "retention": parse_duration, "sync": _sync_method},
     "encrypted_settings_key_file": _string,  # GitLab's encrypted_settings_key_base, for encrypted_secret_file
     "monitoring": {"listen": _http_listen, "collect_listen": _http_listen},
@@ -327,6 +329,11 @@ class PolicyConfig:
 
 
 @dataclass(frozen=True)
+class MilterConfig:
+    listen: tuple[str, ...] = (DEFAULT_MILTER_LISTEN,)  # where Postfix's smtpd_milters reaches `lmtp-gateway milter`
+
+
+@dataclass(frozen=True)
 class RedisConfig:
     url: str = "redis://127.0.0.1:6379/0"
     sentinels: tuple[tuple[str, int], ...] = ()
@@ -363,6 +370,7 @@ class Config:
     spool: SpoolConfig
     warnings: tuple[str, ...] = ()
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
+    milter: MilterConfig = field(default_factory=MilterConfig)
     redis_given: bool = False  # a redis: section, so Redis is there even for webhook or maildir delivery
     custom_emails: Mapping[str, str] = field(default_factory=dict)  # Service Desk custom email → project key
     webhook_timeout: int = 90  # seconds for GitLab's answer to a webhook POST: above GitLab's own 60 s
@@ -560,6 +568,7 @@ def _build(
         ),
         warnings=warnings,
         monitoring=MonitoringConfig(**data.get("monitoring", {})),
+        milter=MilterConfig(**data.get("milter", {})),
         redis_given="redis" in data,
         custom_emails=data.get("custom_emails", {}),
         encrypted_settings_key_file=Path(key_file).expanduser() if key_file else None,

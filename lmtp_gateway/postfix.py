@@ -1,14 +1,16 @@
 """The Postfix side of the set-up, written from the gateway's own configuration.
 
-So what the admin pastes into ``main.cf`` and ``master.cf`` always agrees with what the gateway serves: the
+So what the admin merges into ``main.cf`` and ``master.cf`` always agrees with what the gateway serves: the
 domains come from the address templates, the next hop from ``lmtp.listen``, the size limit from
-``lmtp.max_message_size`` and the policy service from ``policy.listen`` (without it, a spawn(8) entry). The
-files in ``postfix/`` are this output for ``contrib/config/postfix.yml``; a test keeps them identical.
+``lmtp.max_message_size``, the policy service from ``policy.listen`` (without it, a spawn(8) entry) and the
+milter from ``milter.listen``. The files in ``postfix/`` are this output for ``contrib/config/postfix.yml``; a test
+keeps them identical.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from lmtp_gateway.config import Config
 from lmtp_gateway.listen import Address
@@ -62,12 +64,21 @@ def render(config: Config, *, executable: str, user: str = "lmtp-gateway") -> Fr
         "",
         "# Unknown GitLab addresses are refused during RCPT, to the sending server: Postfix never accepts",
         "# mail it would have to bounce later (no backscatter). While the gateway is down, senders get a 4xx.",
+        "# permit_mynetworks first: GitLab's own notifications, sent from this host, still go out.",
         "smtpd_recipient_restrictions =",
+        "    permit_mynetworks,",
         "    reject_non_fqdn_recipient,",
         "    reject_unauth_destination,",
         f"    check_policy_service {_policy_client(config)}",
         "smtpd_policy_service_default_action = 451 4.3.5 Mail gateway not available, try again later",
         *([] if config.policy.listen else [f"{POLICY_SERVICE}_time_limit = 3600s"]),
+        "",
+        "# Mail GitLab would refuse for what its headers say (a dedicated address and no key, a first key no",
+        "# GitLab handler takes) is refused at the end of DATA by `lmtp-gateway milter`, before Postfix queues",
+        "# it: 550 to the sending server, no bounce. While the milter is down, senders get a 4xx.",
+        f"smtpd_milters = {_postfix_endpoint(config.milter.listen[0])}",
+        "milter_protocol = 6",
+        "milter_default_action = tempfail",
         "",
         "# A public MX: basic hygiene.",
         "smtpd_helo_required = yes",
@@ -86,7 +97,8 @@ def render(config: Config, *, executable: str, user: str = "lmtp-gateway") -> Fr
         f"{TRANSPORT} unix  -       -       n       -       -       lmtp",
     ]
     if not config.policy.listen:
-        given = "" if config.source.startswith("<") else f" --config {config.source}"
+        # absolute: Postfix runs the command from its own directory
+        given = "" if config.source.startswith("<") else f" --config {Path(config.source).resolve()}"
         master += [
             "# The policy service, started by Postfix for each smtpd that asks (independent of `serve`).",
             f"{POLICY_SERVICE} unix -       n       n       -       0       spawn",

@@ -21,7 +21,12 @@ EXAMPLES = sorted((REPO / "contrib" / "config" / "examples").glob("*.yml"))
 
 def test_the_expected_files_are_there() -> None:
     names = [unit.name for unit in UNITS]
-    assert names == ["lmtp-gateway-collect.service", "lmtp-gateway-policy.service", "lmtp-gateway.service"]
+    assert names == [
+        "lmtp-gateway-collect.service",
+        "lmtp-gateway-milter.service",
+        "lmtp-gateway-policy.service",
+        "lmtp-gateway.service",
+    ]
     assert len(EXAMPLES) == 8
 
 
@@ -29,7 +34,7 @@ def test_the_expected_files_are_there() -> None:
 def test_unit_verifies(unit: Path, tmp_path: Path) -> None:
     analyze = require_binary("systemd-analyze", "systemd")
     text = unit.read_text()
-    assert "ExecStart=/usr/local/bin/lmtp-gateway " in text
+    assert "ExecStart=/opt/lmtp-gateway/bin/lmtp-gateway " in text  # where scripts/install puts it
     for setting in (
         "ProtectSystem=strict",
         "ProtectHome=yes",
@@ -45,7 +50,7 @@ def test_unit_verifies(unit: Path, tmp_path: Path) -> None:
     ):
         assert setting in text, setting
     copy = tmp_path / unit.name  # verify needs ExecStart's binary to exist: point it at the installed one
-    copy.write_text(text.replace("/usr/local/bin/lmtp-gateway", lmtp_gateway_command()[0]))
+    copy.write_text(text.replace("/opt/lmtp-gateway/bin/lmtp-gateway", lmtp_gateway_command()[0]))
     done = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True, timeout=60)
     complaints = [line for line in (done.stdout + done.stderr).splitlines() if unit.name in line]
     assert done.returncode == 0 and not complaints, done.stdout + done.stderr

@@ -12,7 +12,7 @@ import smtplib
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,38 +58,58 @@ def port_open(port: int) -> bool:
         return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
+StartFrontDoor = Callable[..., FrontDoor]
+
+
 @pytest.fixture
-def front_door(tmp_path: Path, redis: Any) -> Iterator[FrontDoor]:
+def start_front_door(tmp_path: Path, redis: Any) -> Iterator[StartFrontDoor]:
+    """Postfix with exactly what `postfix-config` prints, the policy service, the milter and `serve`, for a
+    gateway configuration with `sections` changed."""
     from tests.servers.postfix import postfix_for_gateway
 
     require_binary("postfix", "postfix")
     require_binary("openssl", "openssl")
-    config_path = tmp_path / "gateway.yml"
-    policy_port = free_port()
-    data = gateway_yaml(
-        tmp_path / "spool",
-        gitlab={"host": "gitlab.test"},
-        incoming_email={"delivery_method": "sidekiq"},
-        service_desk_email={"delivery_method": "sidekiq"},
-        redis={"url": redis.url},
-        lmtp={"max_message_size": SIZE_LIMIT},
-        policy={"listen": f"127.0.0.1:{policy_port}"},
-    )
-    config_path.write_text(yaml.safe_dump(data))
     with contextlib.ExitStack() as cleanup:  # whatever started is stopped, even when a later step fails
-        gateway = GatewayProcess(config_path, tmp_path / "gateway.log").start()
-        cleanup.callback(gateway.kill)
-        with open(tmp_path / "policy.log", "wb") as log:
-            policy = subprocess.Popen([*lmtp_gateway_command(), "policy", "--config", str(config_path)], stderr=log)
-        cleanup.callback(policy.wait, 10)
-        cleanup.callback(policy.terminate)
-        wait_until(lambda: port_open(policy_port), timeout=15, what="the policy service", proc=policy)
-        postfix = postfix_for_gateway(lmtp_gateway_command(), config_path, [DOMAIN], gateway.port, tmp_path).start()
-        cleanup.callback(postfix.stop)
-        # kept for a failed test's post-mortem (the Postfix instance's own directory goes with it)
-        cleanup.callback(lambda: (tmp_path / "maillog").write_text(postfix.maillog_text()))
-        assert postfix.postconf("transport_maps").endswith(f"gitlab-lmtp:inet:127.0.0.1:{gateway.port} }}")
-        yield FrontDoor(postfix, gateway, redis, tmp_path / "spool")
+
+        def start(**sections: Any) -> FrontDoor:
+            config_path = tmp_path / "gateway.yml"
+            policy_port, milter_port = free_port(), free_port()
+            base: dict[str, dict[str, Any]] = {
+                "gitlab": {"host": "gitlab.test"},
+                "incoming_email": {"delivery_method": "sidekiq"},
+                "service_desk_email": {"delivery_method": "sidekiq"},
+                "redis": {"url": redis.url},
+                "lmtp": {"max_message_size": SIZE_LIMIT},
+                "policy": {"listen": f"127.0.0.1:{policy_port}"},
+                "milter": {"listen": f"127.0.0.1:{milter_port}"},
+            }
+            for name, values in sections.items():
+                base[name] = {**base.get(name, {}), **values}
+            data = gateway_yaml(tmp_path / "spool", **base)
+            config_path.write_text(yaml.safe_dump(data))
+            gateway = GatewayProcess(config_path, tmp_path / "gateway.log").start()
+            cleanup.callback(gateway.kill)
+            for name, port in (("policy", policy_port), ("milter", milter_port)):
+                with open(tmp_path / f"{name}.log", "wb") as log:
+                    argv = [*lmtp_gateway_command(), name, "--config", str(config_path)]
+                    service = subprocess.Popen(argv, stderr=log)
+                cleanup.callback(service.wait, 10)
+                cleanup.callback(service.terminate)
+                wait_until(lambda port=port: port_open(port), timeout=60, what=f"the {name} service", proc=service)
+            postfix = postfix_for_gateway(lmtp_gateway_command(), config_path, [DOMAIN], gateway.port, tmp_path)
+            postfix.start()
+            cleanup.callback(postfix.stop)
+            # kept for a failed test's post-mortem (the Postfix instance's own directory goes with it)
+            cleanup.callback(lambda: (tmp_path / "maillog").write_text(postfix.maillog_text()))
+            assert postfix.postconf("transport_maps").endswith(f"gitlab-lmtp:inet:127.0.0.1:{gateway.port} }}")
+            return FrontDoor(postfix, gateway, redis, tmp_path / "spool")
+
+        yield start
+
+
+@pytest.fixture
+def front_door(start_front_door: StartFrontDoor) -> FrontDoor:
+    return start_front_door()
 
 
 def test_gitlab_mail_of_every_kind_becomes_the_right_job(front_door: FrontDoor) -> None:
@@ -118,7 +138,7 @@ def test_unknown_addresses_are_refused_during_rcpt_without_a_bounce(front_door: 
     refused = {
         f"nobody@{DOMAIN}": 550,  # no mailbox: the policy service says no
         f"incoming+not_a_valid_key@{DOMAIN}": 550,  # a key no GitLab handler takes
-        f"incoming+host!user@{DOMAIN}": 554,  # Postfix itself reads a bang path and refuses to relay
+        f"incoming+host!user@{DOMAIN}": 454,  # Postfix reads a bang path: relay denied (its default defers)
     }
     for rcpt, expected in refused.items():
         with smtplib.SMTP(front_door.postfix.host, front_door.postfix.port, timeout=30) as smtp:
@@ -181,3 +201,77 @@ def test_gateway_down_postfix_queues_and_delivers_when_it_returns(front_door: Fr
     assert "while the gateway is down" in job["args"][0]
     front_door.postfix.wait_queue_empty()
     assert len(front_door.jobs()) == 1 and not front_door.postfix.bounces()
+
+
+DEDICATED = f"reply@{DOMAIN}"
+
+
+def test_mail_gitlab_would_refuse_is_refused_before_postfix_queues_it(start_front_door: StartFrontDoor) -> None:
+    """A dedicated address (no %{key}) and no key in the headers: the sending server gets 550 at the end of DATA
+    from the milter; Postfix queues nothing and sends no non-delivery notification to the (maybe forged) sender."""
+    front_door = start_front_door(incoming_email={"address": DEDICATED})
+    with smtplib.SMTP(front_door.postfix.host, front_door.postfix.port, timeout=30) as smtp:
+        smtp.ehlo("sender.example.org")
+        smtp.mail("forged@victim.example")
+        assert smtp.rcpt(DEDICATED)[0] == 250  # the address exists: only the headers can tell
+        code, reply = smtp.data(message("To: someone@example.org", "Subject: no key anywhere"))
+    assert code == 550 and b"We couldn't figure out what the email is for" in reply
+    assert not front_door.postfix.queue_ids()
+    assert "non-delivery notification" not in front_door.postfix.maillog_text()
+    assert not front_door.postfix.bounces() and not front_door.jobs()
+    # a reply with the key in its References still goes through, to the right issue
+    refs = f"References: <reply-{REPLY_KEY}@gitlab.test> <note_1@gitlab.test>"
+    front_door.send(DEDICATED, message("To: someone@example.org", refs, "Subject: Re: x", "Message-ID: <d1@x>"))
+    (job,) = front_door.wait_jobs(1)
+    assert job["class"] == "EmailReceiverWorker" and not front_door.postfix.bounces()
+
+
+def test_a_refused_recipient_among_good_ones_is_removed_before_queueing(start_front_door: StartFrontDoor) -> None:
+    """The Service Desk's dedicated address has no key in this mail, the reply address has one: the message is
+    taken for the reply address only, and nobody gets a bounce."""
+    support = f"support@{DOMAIN}"
+    front_door = start_front_door(service_desk_email={"address": support})
+    with smtplib.SMTP(front_door.postfix.host, front_door.postfix.port, timeout=30) as smtp:
+        refused = smtp.sendmail("alice@example.org", [support, REPLY], message("Subject: two", "Message-ID: <m2@x>"))
+    assert refused == {}  # taken, for the good recipient
+    (job,) = front_door.wait_jobs(1)
+    assert job["class"] == "EmailReceiverWorker" and f"Delivered-To: {REPLY}" in job["args"][0]
+    front_door.postfix.wait_queue_empty()
+    assert not front_door.postfix.bounces()
+    assert f"to=<{support}>" not in front_door.postfix.maillog_text()  # removed before queueing: never delivered
+
+
+def test_gitlabs_own_notifications_still_go_out_through_this_postfix(
+    start_front_door: StartFrontDoor, tmp_path: Path
+) -> None:
+    """A Postfix that also relays GitLab's outgoing mail (from GitLab's host, in mynetworks) keeps doing so with the
+    generated fragments; a stranger still cannot relay."""
+    from aiosmtpd.controller import Controller
+
+    from tests.servers.postfix import GITLAB_HOST_ADDRESS
+
+    class Smarthost:
+        def __init__(self) -> None:
+            self.received: list[tuple[str, list[str]]] = []
+
+        async def handle_DATA(self, server: object, session: object, envelope: Any) -> str:
+            self.received.append((envelope.mail_from, list(envelope.rcpt_tos)))
+            return "250 2.0.0 Ok"
+
+    smarthost = Smarthost()
+    relay = Controller(smarthost, hostname="127.0.0.1", port=free_port())
+    relay.start()
+    try:
+        front_door = start_front_door()
+        front_door.postfix.set_relayhost(f"[127.0.0.1]:{relay.port}")
+        with smtplib.SMTP(front_door.postfix.host, front_door.postfix.port, timeout=30,
+                          source_address=(GITLAB_HOST_ADDRESS, 0)) as smtp:  # fmt: skip
+            smtp.sendmail("gitlab@gitlab.test", ["user@elsewhere.example"], message("Subject: [GitLab] note"))
+        wait_until(lambda: smarthost.received, timeout=60, what="the notification relayed")
+        assert smarthost.received == [("gitlab@gitlab.test", ["user@elsewhere.example"])]
+        with smtplib.SMTP(front_door.postfix.host, front_door.postfix.port, timeout=30) as smtp:
+            smtp.ehlo("stranger.example.org")
+            smtp.mail("spammer@stranger.example")
+            assert smtp.rcpt("victim@elsewhere.example")[0] in (454, 554)  # relay access denied
+    finally:
+        relay.stop()

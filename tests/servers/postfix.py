@@ -55,6 +55,7 @@ from . import (
 __all__ = ["TEST_ONLY_SETTINGS", "PostfixServer", "lmtp_next_hop", "postfix_version"]
 
 DEFAULT_MESSAGE_SIZE_LIMIT = 25 * 1024 * 1024
+GITLAB_HOST_ADDRESS = "127.0.0.2"  # the one loopback address in mynetworks
 
 # Settings that make a test run fast but have no place in production: the
 # queue is rescanned every second and a deferred message retried after 1-2 s
@@ -338,6 +339,12 @@ class PostfixServer(ChildServer):
             if reload and self.running:
                 self.reload()
 
+    def set_relayhost(self, relayhost: str) -> None:
+        """Send mail for every other domain to `relayhost` (``[host]:port``), as a site's smarthost."""
+        self._extra_main_cf.update(relayhost=relayhost, default_transport="smtp")
+        self._write_main_cf()
+        self.reload()
+
     def postfix(self, *args: str, timeout: float = 30.0) -> str:
         """Run ``postfix -c CONFIG_DIR ARGS...``; return its output."""
         return self._run(require_binary("postfix", "postfix"), *args, timeout=timeout)
@@ -500,7 +507,9 @@ class PostfixServer(ChildServer):
             "myhostname": self.myhostname,
             "myorigin": "$myhostname",
             "mydestination": "",
-            "mynetworks": "127.0.0.0/8",
+            # GitLab's host in the tests is 127.0.0.2 (its notifications go out through this Postfix); test
+            # clients connect from 127.0.0.1, like a server on the internet.
+            "mynetworks": f"{GITLAB_HOST_ADDRESS}/32",
             "relay_domains": ", ".join(self._domains),
             "transport_maps": f"inline:{{ {transport} }}",
             "recipient_delimiter": "+",
@@ -509,9 +518,9 @@ class PostfixServer(ChildServer):
             "smtpd_banner": "$myhostname ESMTP Postfix (lmtp-gateway test)",
             "smtpd_helo_required": "yes",
             "disable_vrfy_command": "yes",
-            # No permit_mynetworks anywhere: the test client on 127.0.0.1
-            # must be treated like any sending server on the internet.
-            "smtpd_relay_restrictions": "reject_unauth_destination",
+            # Postfix's own default: GitLab's host (mynetworks) may relay, the
+            # test client on 127.0.0.1 is any sending server on the internet.
+            "smtpd_relay_restrictions": "permit_mynetworks, permit_sasl_authenticated, defer_unauth_destination",
             "smtpd_recipient_restrictions": "reject_unauth_destination, reject_unverified_recipient",
             # -- recipient verification against the LMTP next hop
             # 550 instead of the default 450 when the next hop said 5xx;

@@ -225,6 +225,8 @@ def test_refusal_after_data_bounces_and_the_dsn_stays_queued() -> None:
             dsn = postfix.message(dsn_id)
             assert b"Undelivered Mail Returned to Sender" in dsn
             assert marker.encode() in dsn
+            # the bounced message leaves the queue a moment after its DSN is logged: wait for that event
+            wait_until(lambda: [e["queue_id"] for e in postfix.queue()] == [dsn_id], timeout=60, what="only the DSN")
             (entry,) = postfix.queue()
             assert (entry["queue_id"], entry["sender"]) == (dsn_id, "MAILER-DAEMON")  # null sender
             assert entry["recipients"][0]["address"] == SENDER
