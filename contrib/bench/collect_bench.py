@@ -49,15 +49,17 @@ from email.utils import formatdate
 from pathlib import Path
 from typing import Any
 
-# Helpers shared with the LMTP benchmark next to this file (importing it also puts the repository on sys.path).
-from lmtp_bench import (
+# Beside this file; importing common first also puts the repository root on sys.path, for tests.servers.
+from common import (
     GATEWAY_RCPT,
-    REPO,
+    QUEUE_KEY,
     WORKER,
     code_digest,
     file_create_us,
     fmt,
+    gateway_script,
     git_state,
+    load_at_start,
     log_problems,
     machine,
     median,
@@ -65,7 +67,7 @@ from lmtp_bench import (
     snapshot_code,
     summarize,
 )
-from scratch import CHOICES, measure_on_scratch  # beside this file
+from scratch import CHOICES, measure_on_scratch
 from scratch import HELP as SCRATCH_HELP
 
 from tests.mailbox import Inspector
@@ -73,7 +75,6 @@ from tests.servers import process_running, require_binary, start_process, stop_p
 from tests.servers.dovecot import DovecotServer
 from tests.servers.redis import RedisServer
 
-QUEUE_KEY = "queue:default"  # GitLab renders `:queue: default` for incoming_email; the gateway's default too
 ARBITRATION_NAMESPACE = "mail_room:gitlab"  # Gitlab::Redis::Queues::MAILROOM_NAMESPACE
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results-collect.json"
 DRAIN_LEGS = ("mail_room", "gateway-once", "gateway-daemon")
@@ -219,10 +220,8 @@ def wait_idle(dovecot: DovecotServer, proc: subprocess.Popen[bytes] | None, time
 
 
 def gateway_argv(config: Path, once: bool) -> list[str]:
-    script = REPO / ".venv" / "bin" / "lmtp-gateway"
-    binary = str(script) if script.exists() else require_binary("lmtp-gateway", "lmtp-gateway (pip)")
     return [
-        binary,
+        gateway_script(),
         "collect",
         "--config",
         str(config),
@@ -755,9 +754,7 @@ def measure(args: argparse.Namespace, scratch: str) -> int:
     redis = RedisServer()
     drain_runs: dict[str, list[DrainRun]] = {leg: [] for leg in DRAIN_LEGS}
     latency_runs: dict[str, list[LatencyRun]] = {leg: [] for leg in LATENCY_LEGS}
-    load_before = os.getloadavg()
-    if load_before[0] > 0.5 * (os.cpu_count() or 1):
-        print(f"warning: load average {load_before[0]:.1f} at the start: numbers will be noisy", file=sys.stderr)
+    load_before = load_at_start()
     started = time.monotonic()
     try:
         code = {**git_state(args.ref), "source_sha256": code_digest(snapshot_code(workdir, args.ref))}

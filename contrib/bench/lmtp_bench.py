@@ -23,13 +23,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
-import platform
 import shutil
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,29 +34,37 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-
-from scratch import CHOICES, measure_on_scratch  # noqa: E402  (beside this file)
-from scratch import HELP as SCRATCH_HELP  # noqa: E402
-
-from tests.servers import (  # noqa: E402  (the repository root must be on sys.path first)
-    free_port,
-    process_running,
-    require_binary,
-    start_process,
-    stop_process,
-    wait_until,
+# Beside this file; importing common first also puts the repository root on sys.path, for tests.servers.
+from common import (
+    GATEWAY_RCPT,
+    QUEUE_KEY,
+    REPO,
+    WORKER,
+    code_digest,
+    cpu_times,
+    file_create_us,
+    fmt,
+    gateway_script,
+    git_state,
+    greets,
+    load_at_start,
+    log_problems,
+    machine,
+    median,
+    percentiles_ms,
+    queued_jobs,
+    snapshot_code,
+    summarize,
 )
-from tests.servers.dovecot import DovecotServer, dovecot_version  # noqa: E402
-from tests.servers.redis import RedisServer  # noqa: E402
+from scratch import CHOICES, measure_on_scratch
+from scratch import HELP as SCRATCH_HELP
 
-# A valid reply key: routed to incoming_email, handler create_note, so every message becomes a Sidekiq job.
-GATEWAY_RCPT = "incoming+59d8df8370b7e95c5a49fbf86aeb2c93@localhost"
+from tests.servers import free_port, process_running, require_binary, start_process, stop_process, wait_until
+from tests.servers.dovecot import DovecotServer
+from tests.servers.redis import RedisServer
+
 DOVECOT_RCPT = "gitlab@localhost"
 SENDER = "bench@localhost"
-QUEUE_KEY = "queue:default"
-WORKER = "EmailReceiverWorker"
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results-lmtp.json"
 
 GATEWAY_CONFIG = """\
@@ -95,53 +99,6 @@ def spool_sync_line(method: str) -> str:
     if "fsync" in keys and method in ("fsync", "off"):
         return f"fsync: {'true' if method == 'fsync' else 'false'}"
     raise SystemExit(f"--sync {method}: not supported by this gateway (spool keys: {', '.join(keys)})")
-
-
-def code_digest(root: Path) -> str:
-    """A short digest of the gateway's Python files under ``root``: which code was measured."""
-    digest = hashlib.sha256()
-    for path in sorted((root / "lmtp_gateway").rglob("*.py")):
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def snapshot_code(workdir: Path, ref: str | None) -> Path:
-    """Copy the ``lmtp_gateway`` package aside and make every gateway start import that copy.
-
-    Others edit the gateway while a benchmark runs (it happened while the README's numbers were taken: two
-    runs of one benchmark measured two versions). A frozen copy, put first on PYTHONPATH, keeps all runs on
-    one version; the console script and ``python -m`` both find it before the editable install. ``ref`` takes
-    the copy from a git commit instead of the working tree, to compare versions.
-    """
-    root = workdir / "code"
-    if ref is None:
-        shutil.copytree(REPO / "lmtp_gateway", root / "lmtp_gateway", ignore=shutil.ignore_patterns("__pycache__"))
-    else:
-        root.mkdir()
-        archive = subprocess.run(
-            ["git", "-C", str(REPO), "archive", "--format=tar", ref, "lmtp_gateway"], capture_output=True
-        )
-        if archive.returncode != 0:
-            raise SystemExit(f"--ref {ref}: {archive.stderr.decode(errors='replace').strip()}")
-        subprocess.run(["tar", "-x", "-C", str(root)], input=archive.stdout, check=True)
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
-    sys.path.insert(0, str(root))
-    return root
-
-
-def git_state(ref: str | None) -> dict[str, Any]:
-    """The commit the snapshot was taken from and, for the working tree, the gateway files that differed."""
-    state: dict[str, Any] = {"ref": ref or "working tree"}
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        git = ["git", "-C", str(REPO)]
-        head = subprocess.run([*git, "rev-parse", "--short", ref or "HEAD"], capture_output=True, text=True)
-        state["commit"] = head.stdout.strip()
-        if ref is None:
-            dirty = subprocess.run(
-                [*git, "status", "--porcelain", "--", "lmtp_gateway"], capture_output=True, text=True
-            )
-            state["uncommitted"] = [line[3:] for line in dirty.stdout.splitlines()]
-    return state
 
 
 @dataclass
@@ -182,15 +139,6 @@ class ServerResult:
 # --- helpers -----------------------------------------------------------------------------------------------
 
 
-def greets(port: int) -> bool:
-    """True once something on ``port`` sends an LMTP greeting: the gateway is ready for smtp-source."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1.0) as sock:
-            return sock.recv(512).startswith(b"220 ")
-    except OSError:
-        return False
-
-
 def run_smtp_source(
     binary: str, *, port: int, rcpt: str, messages: int, sessions: int, size: int, timeout: float
 ) -> SourceRun:
@@ -216,7 +164,7 @@ def run_smtp_source(
         rcpt,
         f"127.0.0.1:{port}",
     ]
-    started, busy_before = time.perf_counter(), machine_busy_seconds()
+    started, busy_before = time.perf_counter(), cpu_times()["busy"]
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -226,26 +174,9 @@ def run_smtp_source(
         out, err = proc.communicate()
         exit_code = None
     seconds = time.perf_counter() - started
-    busy = machine_busy_seconds() - busy_before
+    busy = (cpu_times()["busy"] - busy_before) / os.sysconf("SC_CLK_TCK")
     text = (out + err).decode(errors="replace").strip()
     return SourceRun(seconds, exit_code, text, busy / seconds)
-
-
-def machine_busy_seconds() -> float:
-    """CPU time the whole machine has spent busy since boot (all CPUs, from /proc/stat): whether a server is
-    held back by the machine or by itself shows in how many cores were busy while it ran."""
-    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(value) for value in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def percentiles_ms(values: list[float]) -> dict[str, float | None]:
-    """p50/p90/p99 in milliseconds (inclusive method: exact on small samples, no extrapolation)."""
-    if len(values) < 2:
-        only = values[0] * 1000 if values else None
-        return {"p50": only, "p90": only, "p99": only, "max": only}
-    cuts = statistics.quantiles(values, n=100, method="inclusive")
-    return {"p50": cuts[49] * 1000, "p90": cuts[89] * 1000, "p99": cuts[98] * 1000, "max": max(values) * 1000}
 
 
 def cpu_seconds(pid: int, tid: int | None = None) -> tuple[float, float] | None:
@@ -276,37 +207,6 @@ def proc_status_mb(pid: int, key: str) -> float | None:
     return None
 
 
-def log_problems(path: Path) -> list[str]:
-    """Gateway log lines worth reporting: warnings and errors (JSON lines), anything else unexpected."""
-    problems: list[str] = []
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return problems
-    for line in lines:
-        if not line.strip() or line.startswith("lmtp-gateway: listening on"):
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            problems.append(line)
-            continue
-        if not isinstance(record, dict) or record.get("level") not in ("debug", "info"):
-            problems.append(line)
-    return problems
-
-
-def summarize(lines: list[str], limit: int = 5) -> list[str]:
-    """The first few distinct lines, with a count: enough to see what went wrong without drowning in it."""
-    distinct: dict[str, int] = {}
-    for line in lines:
-        distinct[line[:300]] = distinct.get(line[:300], 0) + 1
-    shown = [f"{n}x {line}" if n > 1 else line for line, n in list(distinct.items())[:limit]]
-    if len(distinct) > limit:
-        shown.append(f"... and {len(distinct) - limit} more distinct lines")
-    return shown
-
-
 # --- the gateway -------------------------------------------------------------------------------------------
 
 
@@ -317,8 +217,7 @@ def gateway_argv(config: Path, profile: Path | None) -> list[str]:
         python = bindir / "python" if (bindir / "python").exists() else Path(sys.executable)
         prefix = [str(python), "-m", "cProfile", "-o", str(profile), "-m", "lmtp_gateway"]
     else:
-        script = bindir / "lmtp-gateway"
-        prefix = [str(script) if script.exists() else require_binary("lmtp-gateway", "lmtp-gateway (pip)")]
+        prefix = [gateway_script()]
     return [*prefix, "serve", "--config", str(config), "--log-level", "warning"]
 
 
@@ -354,23 +253,13 @@ def check_jobs(redis: RedisServer, expected: int) -> tuple[int, int, list[str]]:
     The jid is the journal id, derived from the message bytes, so distinct jids also prove that no two
     messages were collapsed by the gateway's dedupe.
     """
-    length = redis.command("LLEN", QUEUE_KEY)
-    assert isinstance(length, int)
-    jids: set[str] = set()
-    problems: list[str] = []
-    chunk = 500
-    for start in range(0, length, chunk):
-        batch = redis.command("LRANGE", QUEUE_KEY, start, start + chunk - 1, timeout=30.0)
-        assert isinstance(batch, list)
-        for raw in batch:
-            assert isinstance(raw, bytes)
-            job = json.loads(raw)
-            if job.get("class") != WORKER and len(problems) < 5:
-                problems.append(f"job class {job.get('class')!r}, expected {WORKER}")
-            jids.add(job.get("jid"))
-    if length != expected:
-        problems.append(f"{length} jobs in {QUEUE_KEY}, expected {expected}")
-    return length, len(jids), problems
+    jobs = queued_jobs(redis)
+    jids = {job.get("jid") for job in jobs}
+    wrong = [job.get("class") for job in jobs if job.get("class") != WORKER]
+    problems = [f"job class {name!r}, expected {WORKER}" for name in wrong[:5]]
+    if len(jobs) != expected:
+        problems.append(f"{len(jobs)} jobs in {QUEUE_KEY}, expected {expected}")
+    return len(jobs), len(jids), problems
 
 
 def bench_gateway(
@@ -525,10 +414,6 @@ def bench_dovecot(*, smtp_source: str, sessions: int, messages: int, size: int, 
 # --- report ------------------------------------------------------------------------------------------------
 
 
-def fmt(value: float | None, spec: str = ".0f") -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def table(rows: list[dict[str, Any]]) -> str:
     """The comparison, one line per session count (medians over the repeats)."""
     header = (
@@ -546,13 +431,6 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"{fmt(latency['p99'], '.1f'):>6}  {fmt(gw['peak_rss_mb'], '.1f'):>14}  {checks:>6}"
         )
     return "\n".join(lines)
-
-
-def median(values: list[float | None]) -> float | None:
-    """Median of the successful runs; None if a run failed (a failed run has no honest speed)."""
-    if not values or any(v is None for v in values):
-        return None
-    return statistics.median(v for v in values if v is not None)
 
 
 def summarize_sessions(sessions: int, gateway: list[ServerResult], dovecot: list[ServerResult]) -> dict[str, Any]:
@@ -574,45 +452,6 @@ def summarize_sessions(sessions: int, gateway: list[ServerResult], dovecot: list
         "dovecot": {"msgs_per_s": dc_median, "msgs_per_s_runs": dc_rates, "ok": all(r.ok for r in dovecot)},
         "runs": [r.as_json() for pair in zip(gateway, dovecot, strict=True) for r in pair],
     }
-
-
-def file_create_us(directory: Path, count: int = 300) -> float:
-    """Mean cost of creating an empty file where the spools live, in microseconds.
-
-    The gateway creates and renames several files per message (on its event-loop thread up to 44f7efd, in
-    one writer thread since 64c10ce), so this one figure explains much of the variation between machines and
-    between runs on a busy shared machine (it swung from 60 us to 1 ms on the machine the README's numbers
-    come from).
-    """
-    probe = Path(tempfile.mkdtemp(prefix="create-probe-", dir=directory))
-    try:
-        started = time.perf_counter()
-        for n in range(count):
-            os.close(os.open(probe / str(n), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-        return (time.perf_counter() - started) / count * 1e6
-    finally:
-        shutil.rmtree(probe, ignore_errors=True)
-
-
-def machine() -> dict[str, Any]:
-    """Enough about the machine and versions to compare results across runs."""
-    info: dict[str, Any] = {
-        "cpus": os.cpu_count(),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "redis": subprocess.run(
-            [require_binary("redis-server", "redis-server"), "--version"], capture_output=True, text=True
-        ).stdout.strip(),
-        "dovecot": ".".join(map(str, dovecot_version(require_binary("dovecot", "dovecot-core")))),
-    }
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        info["postfix"] = subprocess.run(
-            ["postconf", "-h", "mail_version"],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
-        ).stdout.strip()
-    return info
 
 
 def print_profiles(paths: list[Path], top: int = 25) -> None:
@@ -676,10 +515,8 @@ def measure(args: argparse.Namespace, scratch: str) -> int:
     try:
         code = {**git_state(args.ref), "source_sha256": code_digest(snapshot_code(workdir, args.ref))}
         spool_sync_line(args.sync)  # fail now, not after the first run, if this gateway cannot do it
-        load_before = os.getloadavg()
+        load_before = load_at_start()
         create_before = file_create_us(Path(tempfile.gettempdir()))
-        if load_before[0] > 0.5 * (os.cpu_count() or 1):
-            print(f"warning: load average {load_before[0]:.1f} at the start: numbers will be noisy", file=sys.stderr)
         redis.start()
         for sessions in args.session_counts:
             gateway: list[ServerResult] = []

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import platform
@@ -46,30 +45,32 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-
-from scratch import CHOICES, measure_on_scratch  # noqa: E402  (beside this file)
-from scratch import HELP as SCRATCH_HELP  # noqa: E402
-
-from tests.servers import (  # noqa: E402
-    free_port,
-    process_running,
-    require_binary,
-    start_process,
-    stop_process,
-    wait_until,
+# Beside this file; importing common first also puts the repository root on sys.path, for tests.servers.
+from common import (
+    QUEUE_KEY,
+    REPLY_KEY,
+    REPO,
+    WORKER,
+    code_digest,
+    cpu_times,
+    fmt,
+    gateway_script,
+    greets,
+    queued_jobs,
+    summarize,
 )
-from tests.servers.dovecot import DovecotServer  # noqa: E402
-from tests.servers.postfix import PostfixServer, lmtp_next_hop, postfix_for_gateway  # noqa: E402
-from tests.servers.redis import RedisServer  # noqa: E402
+from scratch import CHOICES, measure_on_scratch
+from scratch import HELP as SCRATCH_HELP
+
+from tests.servers import free_port, process_running, require_binary, start_process, stop_process, wait_until
+from tests.servers.dovecot import DovecotServer
+from tests.servers.postfix import PostfixServer, lmtp_next_hop, postfix_for_gateway
+from tests.servers.redis import RedisServer
 
 DOMAIN = "incoming.test"
-GATEWAY_RCPT = f"incoming+59d8df8370b7e95c5a49fbf86aeb2c93@{DOMAIN}"  # a valid reply key: one Sidekiq job each
+GATEWAY_RCPT = f"incoming+{REPLY_KEY}@{DOMAIN}"  # a valid reply key: one Sidekiq job each
 DOVECOT_RCPT = f"gitlab@{DOMAIN}"  # DovecotServer's default user, any domain
 SENDER = "sender@example.org"
-QUEUE_KEY = "queue:default"
-WORKER = "EmailReceiverWorker"
 POLL_INTERVAL = 0.02
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results-postfix.json"
 
@@ -128,15 +129,6 @@ def port_open(port: int) -> bool:
         return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
-def greets(port: int) -> bool:
-    """True once the gateway sends its LMTP greeting, not merely once the port is bound."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1.0) as sock:
-            return sock.recv(512).startswith(b"220 ")
-    except OSError:
-        return False
-
-
 def lmtp_connections(port: int) -> int:
     """Established TCP connections *to* ``port``: how many LMTP sessions Postfix holds open right now.
 
@@ -154,21 +146,6 @@ def lmtp_connections(port: int) -> int:
             if len(fields) > 3 and fields[3] == "01" and fields[2].endswith(wanted):
                 count += 1
     return count
-
-
-def cpu_times() -> dict[str, int]:
-    """Jiffies of all CPUs: was the machine saturated (busy), waiting for the disk (iowait), or robbed by
-    the hypervisor (steal) during a leg?"""
-    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
-    values += [0] * (8 - len(values))
-    total = sum(values)
-    return {
-        "busy": total - values[3] - values[4],
-        "iowait": values[4],
-        "interrupts": values[5] + values[6],  # irq + softirq: loopback TCP is mostly softirq work
-        "steal": values[7],
-        "total": total,
-    }
 
 
 def own_cpu() -> tuple[float, float]:
@@ -307,30 +284,9 @@ def quantiles(values: list[float]) -> dict[str, float | None]:
     return {"p50": statistics.median(values), "p90": cuts[8], "max": max(values)}
 
 
-def summarize(lines: list[str], limit: int = 5) -> list[str]:
-    """The first few distinct lines (without timestamp and pid), counted: readable, not a flood."""
-    distinct: dict[str, int] = {}
-    for line in lines:
-        key = re.sub(r"^\S+\s+\S+\s+\S+\s+\S+\s+|\[\d+\]|\b[0-9A-F]{6,}\b", "", line)[:240]
-        distinct[key] = distinct.get(key, 0) + 1
-    shown = [f"{n}x {line}" if n > 1 else line for line, n in list(distinct.items())[:limit]]
-    if len(distinct) > limit:
-        shown.append(f"... and {len(distinct) - limit} more distinct lines")
-    return shown
-
-
-def gateway_command() -> list[str]:
-    """The venv's console script: the package installed editable, i.e. the working tree's gateway."""
-    script = REPO / ".venv" / "bin" / "lmtp-gateway"
-    return [str(script) if script.exists() else require_binary("lmtp-gateway", "lmtp-gateway (pip)")]
-
-
-def code_digest() -> str:
-    """A short digest of the gateway's Python files: which code was measured (others edit it meanwhile)."""
-    digest = hashlib.sha256()
-    for path in sorted((REPO / "lmtp_gateway").rglob("*.py")):
-        digest.update(path.relative_to(REPO).as_posix().encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:16]
+def log_key(line: str) -> str:
+    """A log line without its timestamp and pids (and queue ids), for ``summarize``: one event, one count."""
+    return re.sub(r"^\S+\s+\S+\s+\S+\s+\S+\s+|\[\d+\]|\b[0-9A-F]{6,}\b", "", line)[:240]
 
 
 def git_head() -> str | None:
@@ -535,8 +491,8 @@ def read_maillog(text: str, rcpt: str, messages: int, leg: Leg) -> None:
                 name: round(statistics.fmean(phases[key]), 4) if phases[key] else None
                 for key, name in zip("abcd", ("before_qmgr", "in_qmgr", "connect", "transmit"), strict=True)
             },
-            "warnings": summarize(warnings),
-            "reject_lines": summarize(rejects, 3),
+            "warnings": summarize(warnings, key=log_key),
+            "reject_lines": summarize(rejects, 3, key=log_key),
         }
     )
     if len(sent) != messages:
@@ -565,7 +521,7 @@ def gateway_next_hop(workdir: Path, redis: RedisServer) -> Iterator[Target]:
             domain=DOMAIN, lmtp_port=lmtp_port, policy_port=policy_port, spool=workdir / "spool", redis_url=redis.url
         )
     )
-    command = gateway_command()
+    command = [gateway_script()]  # the venv's: the package installed editable, i.e. the working tree's gateway
     gateway = start_process(
         [*command, "serve", "--config", str(config), "--log-level", "warning"],
         cwd=workdir,
@@ -632,18 +588,10 @@ def dovecot_next_hop(workdir: Path) -> Iterator[Target]:
 
 def check_gateway(redis: RedisServer, spool: Path, expected: int, leg: Leg) -> None:
     """Every job an EmailReceiverWorker with its own jid, and the journal agreeing: nothing lost or doubled."""
-    length = redis.command("LLEN", QUEUE_KEY)
-    assert isinstance(length, int)
-    jids: set[Any] = set()
-    wrong_class = 0
-    for start in range(0, length, 500):
-        batch = redis.command("LRANGE", QUEUE_KEY, start, start + 499, timeout=30.0)
-        assert isinstance(batch, list)
-        for raw in batch:
-            assert isinstance(raw, bytes)
-            job = json.loads(raw)
-            wrong_class += job.get("class") != WORKER
-            jids.add(job.get("jid"))
+    jobs = queued_jobs(redis)
+    length = len(jobs)
+    jids = {job.get("jid") for job in jobs}
+    wrong_class = sum(job.get("class") != WORKER for job in jobs)
     journal = {
         state: len(list((spool / state).glob("*.json"))) for state in ("pending", "delivered", "dropped", "failed")
     }
@@ -662,7 +610,7 @@ def gateway_log_problems(path: Path) -> list[str]:
         lines = path.read_text(errors="replace").splitlines()
     except OSError:
         return []
-    return summarize([line for line in lines if line.strip() and "listening on" not in line])
+    return summarize([line for line in lines if line.strip() and "listening on" not in line], key=log_key)
 
 
 def bench(name: str, workroot: Path, args: argparse.Namespace, smtp_source_bin: str) -> Leg:
@@ -705,10 +653,6 @@ def wait_for_quiet_machine(max_wait: float, interval: float = 30.0) -> None:
             raise SystemExit(f"another benchmark is still running after {max_wait:.0f}s: {running[0]}")
         print(f"waiting for another benchmark to finish: {running[0][:120]}", file=sys.stderr, flush=True)
         time.sleep(interval)
-
-
-def fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def print_table(legs: list[Leg], ratio: float | None) -> None:
@@ -835,7 +779,7 @@ def measure(args: argparse.Namespace, order: list[str], smtp_source_bin: str, sc
             "scratch": scratch,
         },
         "versions": versions(),
-        "gateway_code": {"commit": git_head(), "digest": code_digest()},
+        "gateway_code": {"commit": git_head(), "digest": code_digest(REPO)},
         "parameters": {
             "messages": args.messages,
             "sessions": args.sessions,
