@@ -107,7 +107,7 @@ def tmp_leftovers(spool: Path) -> list[Path]:
     return list((spool / "tmp").iterdir())
 
 
-async def eventually(condition: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+async def eventually(condition: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
     """Poll a condition that has no event to await (files appearing, another process's state)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -172,7 +172,7 @@ async def start_gateway(tmp_path: Path) -> AsyncIterator[StartGateway]:
         gateway = Gateway(config or make_config(tmp_path / "spool"), **gateway_options)
         task = asyncio.create_task(gateway.run(install_signals=False))
         started = asyncio.create_task(gateway.started.wait())
-        await asyncio.wait({task, started}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({task, started}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
         if task.done():
             started.cancel()
             task.result()  # raises the start-up error
@@ -259,7 +259,7 @@ class GatewayProcess:
 
     def _wait_for_greeting(self) -> None:
         assert self.process is not None
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise AssertionError(f"gateway exited with {self.process.returncode}:\n{self.log_path.read_text()}")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -13,7 +16,7 @@ from lmtp_gateway.collectors import graph as graph_collector
 from lmtp_gateway.config import Config
 from lmtp_gateway.journal import Journal, State
 from lmtp_gateway.service import Gateway
-from tests.conftest import StartGateway, eventually, make_config, numbered_message
+from tests.conftest import make_config, numbered_message
 from tests.graph_stub import GraphStub
 from tests.test_collect_imap import subjects
 from tests.test_sidekiq import jobs
@@ -91,42 +94,61 @@ async def test_at_most_four_requests_at_once(graph: GraphStub, redis: Any, tmp_p
 
 
 @pytest.mark.parametrize("status", [429, 503])
-async def test_retry_after_is_honoured(status: int, graph: GraphStub, redis: Any, tmp_path: Path) -> None:
+async def test_retry_after_is_honoured(
+    status: int, graph: GraphStub, redis: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     for number in range(3):
         graph.add(numbered_message(number))
-    graph.throttle, graph.throttle_status = [1, 1], status
+    graph.throttle, graph.throttle_status = [7, 2], status
+    slept: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def sleep(seconds: float) -> None:  # what the collector waits, without waiting it
+        slept.append(seconds)
+        await real_sleep(0)
+
+    monkeypatch.setattr(graph_collector.asyncio, "sleep", sleep)
     report = await collect_once(graph_config(tmp_path / "spool", graph, redis))
     assert report.errors == {} and report.collected == {"incoming_email": 3}
-    graph_calls = [t for t, _, path in graph.requests if path.startswith("/graph/")]
-    assert graph_calls[1] - graph_calls[0] >= 0.95 and graph_calls[2] - graph_calls[1] >= 0.95
+    assert slept[:2] == [7, 2]  # as Graph said, not the collector's own backoff
 
 
 async def test_an_expired_token_is_renewed_and_the_request_repeated(
     graph: GraphStub, redis: Any, tmp_path: Path
 ) -> None:
+    """A token revoked or expired early (as Entra ID may do): Graph answers 401, the collector fetches a new token
+    and repeats the request, on the same connection, without an error reaching the loop above it."""
     graph.add(numbered_message(1))
-    config = graph_config(tmp_path / "spool", graph, redis, inbox_options={"poll_interval": 1})
-    gateway = Gateway(config, listen=False, collect=True)
-    report = await gateway.collect_once()
-    assert report.collected == {"incoming_email": 1}
-    graph.expire_tokens()  # revoked or expired early, as Entra ID may do
-    graph.add(numbered_message(2))
-    report = await collect_once(config)
-    assert report.errors == {} and subjects(redis) == Counter([1, 2])
+    (collector,) = Gateway(graph_config(tmp_path / "spool", graph, redis), listen=False, collect=True).collectors
+    source = collector.source
+    await source.connect()
+    try:
+        assert len(await source.pending(10)) == 1
+        graph.expire_tokens()
+        assert len(await source.pending(10)) == 1
+    finally:
+        await source.close()
+    assert (graph.unauthorized, graph.token_requests) == (1, 2)
 
 
-async def test_a_short_lived_token_is_renewed_before_it_expires(
-    graph: GraphStub, redis: Any, tmp_path: Path, start_gateway: StartGateway
-) -> None:
-    graph.expires_in = 2  # renewed half-way, so no request ever meets a 401
-    config = graph_config(tmp_path / "spool", graph, redis, inbox_options={"poll_interval": 1})
-    await start_gateway(config, listen=False, collect=True)
-    for number in range(3):
-        graph.add(numbered_message(number))
-        await eventually(lambda n=number: len(jobs(redis)) == n + 1, timeout=10, what=f"message {number}")
-    await eventually(lambda: graph.token_requests >= 3, timeout=10, what="renewals while polling")
-    assert graph.unauthorized == 0
-    assert subjects(redis) == Counter(range(3))
+async def test_a_token_is_renewed_before_it_expires(graph: GraphStub, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Five minutes early, or half-way through a short-lived token: no request meets a 401 for expiry. The
+    collector's clock is a fake one here, so the test needs no waiting."""
+    clock = [1000.0]
+    monkeypatch.setattr(graph_collector, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    scope = f"{graph.graph_endpoint}/.default"
+    credentials = graph_collector.ClientCredentials(
+        None, graph.login_endpoint, graph.tenant, graph.client_id, graph.client_secret, scope
+    )
+    for expires_in, renewed_after in ((3600, 3300), (120, 60)):
+        graph.expires_in = expires_in
+        credentials.forget()
+        first = await credentials()
+        requests = graph.token_requests
+        clock[0] += renewed_after - 1
+        assert await credentials() == first and graph.token_requests == requests
+        clock[0] += 1
+        assert await credentials() != first and graph.token_requests == requests + 1
 
 
 async def test_poll_interval_is_the_graph_collectors_clock(
@@ -168,3 +190,25 @@ def test_graph_settings_missing_say_which(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match=r"inbox_options.tenant_id, inbox_options.client_id"):
         build_source(config, config.mailboxes["incoming_email"], tmp_path)
+
+
+async def test_a_full_journal_disk_leaves_mail_unread_then_collects_it_once(
+    graph: GraphStub, redis: Any, small_disk: Path
+) -> None:
+    """A message is marked read (or deleted) only once it is in the journal: when the commit fails, Graph keeps it
+    unread, and the next run collects it, once."""
+    config = graph_config(small_disk / "spool", graph, redis, delete_after_delivery=False)
+    await collect_once(config)  # the journal exists
+    filler = small_disk / "filler"
+    with open(filler, "wb", buffering=0) as handle, contextlib.suppress(OSError):
+        while True:
+            handle.write(b"\0" * (1 << 20))
+    for number in range(5):
+        graph.add(numbered_message(number))
+    report = await collect_once(config)
+    assert "disk full" in report.errors["incoming_email"]
+    assert len(graph.unread()) == 5 and not jobs(redis)
+    filler.unlink()
+    report = await collect_once(config)
+    assert report.errors == {} and report.collected == {"incoming_email": 5}
+    assert subjects(redis) == Counter(range(5)) and graph.unread() == []

@@ -88,7 +88,7 @@ async def test_a_full_delivery_logs_its_facts_and_no_secret_or_body(
     assert events.count("accepted") == 2 and events.count("delivered") == 2 and "deferred" in events
     delivered = next(r for r in records if r.get("event") == "delivered" and r["sink"] == "sidekiq")
     assert delivered["mailbox"] == "incoming_email" and delivered["rcpt"] == REPLY_RCPT
-    assert delivered["key"] and len(delivered["journal_id"]) == 24 and delivered["latency_ms"] >= 0
+    assert delivered["key"] and len(delivered["journal_id"]) == 24 and isinstance(delivered["latency_ms"], float)
     accepted = next(r for r in records if r.get("event") == "accepted")
     assert accepted["mail_from"] == "alice@example.org" and accepted["verdict"] == "deliver"
     deferred = next(r for r in records if r.get("event") == "deferred")
@@ -133,7 +133,7 @@ def test_serve_under_systemd_prefixes_its_lines(tmp_path: Path) -> None:
     with open(log, "wb") as stderr:
         serve = subprocess.Popen([*lmtp_gateway_command(), "serve", "--config", str(config)], env=env, stderr=stderr)
     try:
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 60
         while '"event": "listening"' not in log.read_text():
             assert serve.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.02)

@@ -47,7 +47,7 @@ async def get(address: str, path: str, method: str = "GET") -> httpx.Response:
         return await client.request(method, f"http://{address}{path}")
 
 
-async def answer_becomes(address: str, path: str, status: int, timeout: float = 10) -> httpx.Response:
+async def answer_becomes(address: str, path: str, status: int, timeout: float = 30) -> httpx.Response:
     """Ask until the status is `status`: /readyz keeps its answer for the probe cache's few seconds."""
     deadline = time.monotonic() + timeout
     while True:

@@ -64,7 +64,7 @@ def test_quick_start_serve_and_smtp_source(env: dict[str, str], tmp_path: Path) 
         argv = shlex.split(send)
         argv[0] = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
         assert subprocess.run(argv, capture_output=True, timeout=30).returncode == 0
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while not list((tmp_path / "state" / "lmtp-gateway" / "maildir" / "incoming_email" / "new").glob("*")):
             assert time.monotonic() < deadline, "the message did not reach the Maildir"
             time.sleep(0.05)

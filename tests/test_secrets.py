@@ -225,7 +225,7 @@ def test_secret_edit_creates_and_show_prints(tmp_path: Path) -> None:
     editor = editor_script(
         tmp_path,
         f'stat -c "%a" "$1" > {seen}; stat -c "%a" "$(dirname "$1")" >> {seen}; echo "$1" >> {seen}\n'
-        'printf "user: me@example.com\\npassword: \'pw\'\\n" > "$1"\n',
+        'printf "user: me@example.com\\npassword: \'pw-4711-plaintext-marker\'\\n" > "$1"\n',
     )
     enc, key = tmp_path / "incoming_email.yaml.enc", tmp_path / "key"
     with_editor = {**os.environ, "EDITOR": editor}
@@ -236,13 +236,13 @@ def test_secret_edit_creates_and_show_prints(tmp_path: Path) -> None:
     file_mode, dir_mode, plaintext = seen.read_text().split("\n")[:3]
     assert (file_mode, dir_mode) == ("600", "700")
     assert not Path(plaintext).exists() and not Path(plaintext).parent.exists()
-    assert b"pw" not in enc.read_bytes()
+    assert b"pw-4711-plaintext-marker" not in enc.read_bytes() and b"password:" not in enc.read_bytes()
     shown = run_cli("secret", "show", str(enc), "--key-file", str(key))
-    assert shown.returncode == 0 and shown.stdout == "user: me@example.com\npassword: 'pw'\n"
+    assert shown.returncode == 0 and shown.stdout == "user: me@example.com\npassword: 'pw-4711-plaintext-marker'\n"
     # The same file through a configuration that names the key.
     config = tmp_path / "gw.yml"
     config.write_text(MAILBOX + f"  encrypted_secret_file: {enc}\nencrypted_settings_key_file: {key}\n")
-    assert load_config(config).mailboxes["incoming_email"].settings["password"] == "pw"
+    assert load_config(config).mailboxes["incoming_email"].settings["password"] == "pw-4711-plaintext-marker"
     assert run_cli("secret", "show", str(enc), "--config", str(config)).stdout == shown.stdout
 
 

@@ -224,7 +224,7 @@ async def test_delivery_through_redis_sentinel(start_gateway: StartGateway, redi
                 return str(redis.port).encode() in s.recv(200)
             return False
 
-        wait_until(knows_master, timeout=15, what="sentinel", proc=sentinel)
+        wait_until(knows_master, timeout=60, what="sentinel", proc=sentinel)
         config = make_config(
             tmp_path / "spool",
             incoming_email={"delivery_method": "sidekiq"},

@@ -72,7 +72,7 @@ class DnsmasqServer(ChildServer):
         _register(self)
         log = self._tmpdir / "dnsmasq.log"
         self._proc = start_process(argv, cwd=self._tmpdir, output=log)
-        wait_until(self._answers, timeout=10, what=f"dnsmasq on port {self.port}", proc=self._proc, log_files=[log])
+        wait_until(self._answers, timeout=60, what=f"dnsmasq on port {self.port}", proc=self._proc, log_files=[log])
         return self
 
     def _answers(self) -> bool:

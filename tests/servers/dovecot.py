@@ -91,7 +91,7 @@ class DovecotServer(ChildServer):
         *,
         catch_all: bool = False,
         binary: str | None = None,
-        start_timeout: float = 10.0,
+        start_timeout: float = 60.0,
         mail_user: str | None = None,
         extra_config: str = "",
     ) -> None:

@@ -206,7 +206,7 @@ class PostfixServer(ChildServer):
         extra_main_cf: Mapping[str, str] | None = None,
         extra_master_cf: str = "",
         port: int | None = None,
-        start_timeout: float = 10.0,
+        start_timeout: float = 60.0,
     ) -> None:
         """Configure, but do not start, a server.
 
@@ -314,7 +314,7 @@ class PostfixServer(ChildServer):
                 raise
         raise AssertionError("unreachable")
 
-    def reload(self, timeout: float = 10.0) -> None:
+    def reload(self, timeout: float = 30.0) -> None:
         """``postfix reload`` and wait until the master has re-read its config.
 
         Idle daemons restart with the new settings right away; a daemon busy
@@ -360,7 +360,7 @@ class PostfixServer(ChildServer):
         except FileNotFoundError:
             return ""
 
-    def wait_log(self, pattern: str, timeout: float = 10.0) -> re.Match[str]:
+    def wait_log(self, pattern: str, timeout: float = 30.0) -> re.Match[str]:
         """Wait until a maillog line matches the regex; return the match."""
         regex = re.compile(pattern, re.MULTILINE)
         found: list[re.Match[str]] = []
@@ -397,7 +397,7 @@ class PostfixServer(ChildServer):
         """``postqueue -f``: retry every deferred message now."""
         self._run(require_binary("postqueue", "postfix"), "-f")
 
-    def wait_queue_empty(self, timeout: float = 10.0) -> None:
+    def wait_queue_empty(self, timeout: float = 30.0) -> None:
         """Wait until no message (mail, DSN or probe) is left in the queue."""
         wait_until(
             lambda: not self.queue(),
@@ -408,7 +408,7 @@ class PostfixServer(ChildServer):
             interval=0.05,
         )
 
-    def wait_deferred(self, timeout: float = 10.0) -> list[dict[str, Any]]:
+    def wait_deferred(self, timeout: float = 30.0) -> list[dict[str, Any]]:
         """Wait until at least one message is deferred; return the deferred ones."""
         found: list[dict[str, Any]] = []
 

@@ -54,7 +54,7 @@ class RedisServer(ChildServer):
         port: int | None = None,
         *,
         binary: str | None = None,
-        start_timeout: float = 10.0,
+        start_timeout: float = 60.0,
         extra_config: dict[str, str] | None = None,
     ) -> None:
         """``extra_config`` adds raw ``directive value`` lines to redis.conf."""
