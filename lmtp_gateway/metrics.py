@@ -43,7 +43,7 @@ class Metrics:
 
     def __init__(self, clock: Callable[[], float] | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self._clock = clock or time.time
+        self.clock = clock or time.time
         self._backlog: Backlog = lambda: (0, None)
         self._quarantined: Callable[[], int] = lambda: 0
 
@@ -147,7 +147,7 @@ class Metrics:
         if timed_out:
             self.timeouts.labels(**labels).inc()
         if kind == "delivered":
-            self.latency.labels(**labels).observe(max(0.0, self._clock() - received_at))
+            self.latency.labels(**labels).observe(max(0.0, self.clock() - received_at))
 
     # --- for collectors ---
 
@@ -164,4 +164,4 @@ class Metrics:
 
     def _oldest_age(self) -> float:
         _, oldest = self._backlog()
-        return 0.0 if oldest is None else max(0.0, self._clock() - oldest)
+        return 0.0 if oldest is None else max(0.0, self.clock() - oldest)

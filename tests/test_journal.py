@@ -9,14 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from lmtp_gateway.errors import JournalError
-from lmtp_gateway.ingress import DataDecoder
 from lmtp_gateway.journal import Entry, Journal, State, envelope_headers, fingerprint
 from tests.conftest import StartGateway, draft, eventually, make_config, tmp_leftovers
-from tests.lmtp_client import dot_stuff
 
 
 def new_entry(entry_id: str, state: State = State.PENDING, received_at: float | None = None) -> Entry:
@@ -98,36 +94,6 @@ def test_fingerprint_depends_on_message_mailbox_and_recipient() -> None:
 def test_envelope_headers() -> None:
     assert envelope_headers("", "r@h") == b"Return-Path: <>\r\nDelivered-To: r@h\r\n"
     assert envelope_headers(None, None) == b""
-
-
-lines = st.lists(st.binary(max_size=120).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")), max_size=40).map(
-    lambda ls: b"".join(line + b"\r\n" for line in ls)
-)
-
-
-@settings(max_examples=300)
-@given(lines, st.lists(st.integers(min_value=1, max_value=64), min_size=1, max_size=50), st.binary(max_size=30))
-def test_data_decoder_round_trips_any_chunking(message: bytes, cuts: list[int], after: bytes) -> None:
-    wire = dot_stuff(message) + after
-    decoder, out, position = DataDecoder(), b"", 0
-    for size in cuts * (len(wire) // max(sum(cuts), 1) + 1):
-        if decoder.done or position >= len(wire):
-            break
-        out += decoder.feed(wire[position : position + size])
-        position += size
-    assert decoder.done
-    assert out == message
-    assert decoder.leftover + wire[position:] == after
-    assert not decoder.line_too_long
-
-
-def test_data_decoder_flags_long_lines_and_still_finds_the_end() -> None:
-    decoder = DataDecoder(max_line=100)
-    out = decoder.feed(b"short\r\n" + b"x" * 5000)
-    out += decoder.feed(b"y" * 5000 + b"\r\nafter\r\n.\r\nQUIT\r\n")
-    assert decoder.done and decoder.line_too_long
-    assert decoder.leftover == b"QUIT\r\n"
-    assert b"x" not in out  # the long line was not buffered
 
 
 async def test_an_entry_cut_short_before_its_sync_is_set_aside(tmp_path: Path) -> None:

@@ -101,7 +101,7 @@ async def test_metrics_count_what_happened_to_real_mail(
     assert sample(text, "lmtp_gateway_deferred_total", mailbox="service_desk_email", sink="maildir") == 0
     labels = {"mailbox": "incoming_email", "sink": "sidekiq"}
     assert sample(text, "lmtp_gateway_delivery_latency_seconds_count", **labels) == 1
-    assert 0 < sample(text, "lmtp_gateway_delivery_latency_seconds_sum", **labels) < 5  # type: ignore[operator]
+    assert sample(text, "lmtp_gateway_delivery_latency_seconds_sum", **labels) > 0  # type: ignore[operator]
     assert sample(text, "lmtp_gateway_delivery_latency_seconds_bucket", **labels, le="+Inf") == 1
     assert sample(text, "lmtp_gateway_journal_pending") == 0
     assert sample(text, "lmtp_gateway_journal_oldest_pending_age_seconds") == 0
@@ -137,13 +137,18 @@ async def test_readyz_and_backlog_follow_redis_down_and_back(
     text = await metrics_text(gateway)
     assert sample(text, "lmtp_gateway_journal_pending") == 3
     assert sample(text, "lmtp_gateway_deferred_total", mailbox="incoming_email", sink="sidekiq") >= 3  # type: ignore[operator]
-    first_age = sample(await metrics_text(gateway), "lmtp_gateway_journal_oldest_pending_age_seconds")
-    await asyncio.sleep(0.05)  # the age is measured against the clock: let some of it pass
+    first_age = sample(text, "lmtp_gateway_journal_oldest_pending_age_seconds")
+    assert first_age > 0  # type: ignore[operator]
+    metrics = gateway.gateway.metrics
+    real_clock = metrics.clock
+    metrics.clock = lambda: real_clock() + 3600  # an hour on: the age is read against the clock
     later_age = sample(await metrics_text(gateway), "lmtp_gateway_journal_oldest_pending_age_seconds")
-    assert 0 < first_age < later_age < 30  # type: ignore[operator]
+    metrics.clock = real_clock
+    assert later_age >= first_age + 3600  # type: ignore[operator]
 
     redis.start()
-    await eventually(lambda: redis.command("LLEN", "queue:default") == 3, timeout=30, what="the 3 jobs")
+    await eventually(lambda: gateway.gateway.dispatcher.stats.delivered == 3, what="the 3 entries delivered")
+    assert redis.command("LLEN", "queue:default") == 3
     await answer_becomes(address, "/readyz", 200)
     text = await metrics_text(gateway)
     assert sample(text, "lmtp_gateway_journal_pending") == 0
@@ -251,25 +256,25 @@ def test_collector_state_and_collected_counter() -> None:
 
 @pytest.fixture
 async def ops() -> Any:
-    async def ready() -> list[str]:
-        return []
-
-    server = OpsServer(Metrics(), ready, timeout=0.5)
+    server = OpsServer(Metrics(), _nothing_wrong, timeout=0.5)
     await server.listen("127.0.0.1:0")
     yield server
     await server.close()
 
 
-async def raw_exchange(address: str, data: bytes, *, wait_for_close: float = 5) -> tuple[bytes, float]:
-    """Send `data` as it is; return everything the server said until it closed, and how long that took."""
+async def _nothing_wrong() -> list[str]:
+    return []
+
+
+async def raw_exchange(address: str, data: bytes, *, wait_for_close: float = 30) -> bytes:
+    """Send `data` as it is; return everything the server said until it closed."""
     host, _, port = address.rpartition(":")
-    started = time.monotonic()
     reader, writer = await asyncio.open_connection(host, int(port))
     writer.write(data)
     await writer.drain()
     answer = await asyncio.wait_for(reader.read(), wait_for_close)
     writer.close()
-    return answer, time.monotonic() - started
+    return answer
 
 
 async def test_routes_methods_and_heads(ops: OpsServer) -> None:
@@ -291,9 +296,9 @@ async def test_garbage_and_oversized_requests_get_4xx(ops: OpsServer) -> None:
         b"GET /metrics\r\n\r\n",
         b"get me the metrics please\r\n\r\n",
     ):
-        answer, _ = await raw_exchange(ops.address, garbage)
+        answer = await raw_exchange(ops.address, garbage)
         assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), garbage
-    answer, _ = await raw_exchange(ops.address, b"GET /metrics HTTP/1.1\r\nX-Long: " + b"a" * 10_000 + b"\r\n\r\n")
+    answer = await raw_exchange(ops.address, b"GET /metrics HTTP/1.1\r\nX-Long: " + b"a" * 10_000 + b"\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 431 ")
     host, _, port = ops.address.rpartition(":")
     reader, writer = await asyncio.open_connection(host, int(port))
@@ -303,16 +308,28 @@ async def test_garbage_and_oversized_requests_get_4xx(ops: OpsServer) -> None:
     writer.close()
 
 
-async def test_a_slow_client_is_cut_off_and_does_not_hold_up_others(ops: OpsServer) -> None:
+async def test_a_slow_client_does_not_hold_up_others() -> None:
+    server = OpsServer(Metrics(), _nothing_wrong, timeout=600)
+    address = await server.listen("127.0.0.1:0")
+    host, _, port = address.rpartition(":")
+    try:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # the head never ends
+        await writer.drain()
+        assert (await get(address, "/livez")).status_code == 200  # served while the slow one waits
+        writer.write(b"\r\n")  # and the slow one is still served when it finishes
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.readuntil(b"\r\n"), 30)
+        assert answer == b"HTTP/1.1 200 OK\r\n"
+        writer.close()
+    finally:
+        await server.close()
+
+
+async def test_a_slow_client_is_cut_off_with_408(ops: OpsServer) -> None:
     assert ops.address is not None
-    slow = asyncio.create_task(raw_exchange(ops.address, b"GET /metrics HTTP/1.1\r\nHost: x\r\n"))  # never ends
-    await asyncio.sleep(0.05)
-    started = time.monotonic()
-    assert (await get(ops.address, "/livez")).status_code == 200  # served while the slow one waits
-    assert time.monotonic() - started < 0.4
-    answer, took = await slow
+    answer = await raw_exchange(ops.address, b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
     assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
-    assert 0.4 < took < 2  # the 0.5 s deadline, not the client, decided
 
 
 async def test_credentials_in_urls_are_never_shown(start_gateway: StartGateway, tmp_path: Path) -> None:

@@ -9,14 +9,13 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO, lmtp_gateway_command
-from tests.servers import require_binary
+from tests.servers import require_binary, wait_until
 
 README = (REPO / "README.md").read_text()
 
@@ -52,22 +51,19 @@ def test_quick_start_serve_and_smtp_source(env: dict[str, str], tmp_path: Path) 
         with socket.socket() as probe:
             if probe.connect_ex(("127.0.0.1", port)) == 0:
                 pytest.skip(f"port {port} (a quick-start default) is busy on this machine")
-    serve = subprocess.Popen([*lmtp_gateway_command(), "serve"], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "serve.log"
+    with log.open("wb") as stderr:
+        serve = subprocess.Popen([*lmtp_gateway_command(), "serve"], cwd=REPO, env=env, stderr=stderr)
     try:
-        assert serve.stderr is not None
-        line = serve.stderr.readline()
-        while "listening on" not in line:
-            assert line, "serve exited before listening"
-            line = serve.stderr.readline()
-        assert "127.0.0.1:2424" in line
+        listening = re.compile(r"listening on .*127\.0\.0\.1:2424")
+        watch = {"proc": serve, "log_files": [log]}
+        wait_until(lambda: bool(listening.search(log.read_text())), timeout=60, what="serve listening", **watch)
         (send,) = [line for line in shell_lines() if line.startswith("smtp-source")]
         argv = shlex.split(send)
         argv[0] = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
-        assert subprocess.run(argv, capture_output=True, timeout=30).returncode == 0
-        deadline = time.monotonic() + 30
-        while not list((tmp_path / "state" / "lmtp-gateway" / "maildir" / "incoming_email" / "new").glob("*")):
-            assert time.monotonic() < deadline, "the message did not reach the Maildir"
-            time.sleep(0.05)
+        assert subprocess.run(argv, capture_output=True, timeout=60).returncode == 0
+        maildir = tmp_path / "state" / "lmtp-gateway" / "maildir" / "incoming_email" / "new"
+        wait_until(lambda: any(maildir.glob("*")), timeout=30, what="the message in the Maildir", **watch)
         listing = run("lmtp-gateway spool list", env)
         assert "delivered" in listing.stdout and "create_note" in listing.stdout
         with urllib.request.urlopen("http://127.0.0.1:9425/metrics", timeout=10) as response:

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -197,25 +198,29 @@ async def test_a_commit_under_way_is_not_delivered_before_its_250(
     """The rescan lists pending/ while a commit's files are there but not yet flushed (a slow disk here): it must
     leave them to the commit, or GitLab would get a message the gateway has not acknowledged and may yet lose."""
     monkeypatch.setattr(service, "RESCAN_SECONDS", 0.02)
+    running = await start_gateway()
     flush = os.fdatasync
+    flushing, disk_done = threading.Event(), threading.Event()
 
     def slow_disk(descriptor: int) -> None:  # runs in the journal's flush threads
-        time.sleep(0.3)
+        flushing.set()
+        disk_done.wait(60)
         flush(descriptor)
 
     monkeypatch.setattr(os, "fdatasync", slow_disk)
-    running = await start_gateway()
     listings = rescans_of(running.gateway.journal, monkeypatch)
     delivered = tmp_path / "spool" / "maildir" / "incoming_email" / "new"
     client = await running.client()
     sending = asyncio.ensure_future(client.send("a@example.org", [REPLY_RCPT], numbered_message(1)))
-    seen_before_250 = []
-    while not sending.done():
-        seen_before_250.extend(delivered.glob("*"))
-        await asyncio.sleep(0.005)
-    assert sending.result().results[0].startswith("250 2.0.0")
-    assert len(listings) >= 3  # the rescan looked several times while the commit was being flushed
-    assert not seen_before_250
+    try:
+        assert await asyncio.to_thread(flushing.wait, 60), "the commit never reached its flush"
+        rescans = len(listings)
+        await eventually(lambda: len(listings) >= rescans + 3, what="three rescans while the commit is flushed")
+        assert not sending.done()
+        assert not list(delivered.glob("*"))
+    finally:
+        disk_done.set()
+    assert (await sending).results[0].startswith("250 2.0.0")
     await eventually(lambda: list(delivered.glob("*")), what="delivery after the 250")
     await client.quit()
 
