@@ -393,7 +393,10 @@ def _single(header: Header, name: str) -> tuple[int, str | None]:
 def auto_generated_reason(header: Header) -> tuple[str, str] | None:
     """Why GitLab would not process the message at all (§5): (kind, reason), kind "auto_generated" (GitLab drops
     it without a reply) or "gitlab_fails" (a repeated Auto-Submitted or X-Autoreply makes GitLab's receiver raise
-    an error; no reply either). None when GitLab goes on to look for a key."""
+    an error; no reply either). None when GitLab goes on to look for a key.
+
+    Auto-Submitted is RFC 3834's mark of a message no human sent (any value but "no"); X-Autoreply is the older
+    mark some vacation programs still set. GitLab honours both so that two robots never answer each other."""
     for name in ("Auto-Submitted", "X-Autoreply"):
         count, _ = _single(header, name)
         if count > 1:
