@@ -582,23 +582,31 @@ def spool_list(
 @config_option
 @spool_option
 @click.option("--message", "with_message", is_flag=True, help="Also print the stored message.")
+@click.option("--json", "as_json", is_flag=True, help="The metadata as stored: JSON, times in seconds since the epoch.")
 @click.argument("entry_id")
-def spool_show(config_path: str | None, spool: str | None, with_message: bool, entry_id: str) -> None:
-    """Show one entry's metadata (and, with --message, the message as GitLab gets it).
+def spool_show(config_path: str | None, spool: str | None, with_message: bool, as_json: bool, entry_id: str) -> None:
+    """Show one entry's metadata, times in ISO 8601 (and, with --message, the message as GitLab gets it).
+
+    ENTRY_ID may be the first characters of an id, as long as they name one entry.
 
     \b
     Example:
       lmtp-gateway spool show 3f2a9c
     """
-    from lmtp_gateway.spool import Selection, select
+    from lmtp_gateway.spool import Selection, fields, select
 
     journal = _journal(_load(config_path, secrets=False, spool=spool))
     found = select(journal, Selection(ids=(entry_id,)))
     if len(found) != 1:
         raise click.ClickException(f"{entry_id}: {'no entry' if not found else f'{len(found)} entries'} with this id")
     entry = found[0]
-    click.echo(json.dumps(json.loads(entry.to_json()), indent=1, ensure_ascii=False))
-    click.echo(f"message: {journal.eml_path(entry)}")
+    if as_json:
+        click.echo(json.dumps(json.loads(entry.to_json()), indent=1, ensure_ascii=False))
+    else:
+        shown = [*fields(entry), ("message", str(journal.eml_path(entry)))]
+        width = max(len(name) for name, _ in shown)
+        for name, text in shown:
+            click.echo(f"{name + ':':{width + 1}} {text}")
     if with_message:
         click.echo(journal.read_message(entry).decode("utf-8", "replace"))
 

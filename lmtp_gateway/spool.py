@@ -6,8 +6,10 @@ the same counts, damaged entries included.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from lmtp_gateway.journal import Entry, Journal, State
@@ -81,3 +83,23 @@ def stats(journal: Journal, now: float | None = None) -> Stats:
     if pending:
         found.oldest_pending_seconds = round((now if now is not None else time.time()) - min(pending), 1)
     return found
+
+
+TIMES = ("received_at", "next_attempt_at", "finished_at")  # seconds since the epoch in the metadata
+
+
+def moment(seconds: float) -> str:
+    """A journal time as an admin reads it: ISO 8601 in local time, with its offset."""
+    return datetime.fromtimestamp(seconds).astimezone().isoformat(timespec="milliseconds")
+
+
+def fields(entry: Entry) -> list[tuple[str, str]]:
+    """An entry's metadata as (name, text) for a person: times in ISO 8601, empty fields left out."""
+    shown: list[tuple[str, str]] = []
+    for name, value in json.loads(entry.to_json()).items():
+        if value in (None, "", {}, []):
+            continue
+        if name in TIMES:
+            value = moment(value)
+        shown.append((name, value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)))
+    return shown

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +128,11 @@ async def test_spool_list_show_stats(tmp_path: Path) -> None:
     assert listing.stdout.startswith("ID ")
     assert "GitLab said no" in listing.stdout
     shown = cli("spool", "show", "--config", config, "--message", failed[0].id)
-    assert f'"id": "{failed[0].id}"' in shown.stdout and "Subject: message 0" in shown.stdout
+    assert re.search(rf"^id: +{failed[0].id}$", shown.stdout, re.MULTILINE) and "Subject: message 0" in shown.stdout
+    received = re.search(r"^received_at: +(\S+)$", shown.stdout, re.MULTILINE)
+    assert received and datetime.fromisoformat(received[1]).timestamp() == pytest.approx(failed[0].received_at)
+    raw = json.loads(cli("spool", "show", "--config", config, "--json", failed[0].id).stdout)
+    assert (raw["id"], raw["received_at"]) == (failed[0].id, failed[0].received_at)
     stats = json.loads(cli("spool", "stats", "--config", config, "--json").stdout)
     assert (stats["failed"], stats["pending"], stats["delivered"]) == (2, 1, 0)
     assert stats["oldest_pending_seconds"] >= 60
@@ -145,7 +151,7 @@ async def test_spool_and_replay_take_another_journal_with_spool(tmp_path: Path) 
     listing = cli("spool", "list", "--config", config, "--spool", str(other))
     assert listing.stdout.splitlines()[1].startswith(entry.id)
     shown = cli("spool", "show", "--config", config, "--spool", str(other), entry.id)
-    assert shown.returncode == 0 and f"message: {other / 'failed'}" in shown.stdout
+    assert shown.returncode == 0 and re.search(rf"^message: +{other / 'failed'}/", shown.stdout, re.MULTILINE)
     done = cli("replay", "--config", config, "--spool", str(other), "--state", "failed")
     assert done.returncode == 0, done.stderr
     assert (other / "delivered" / f"{entry.id}.json").exists()
