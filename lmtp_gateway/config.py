@@ -7,6 +7,7 @@ shows the value of a secret.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import os
@@ -404,6 +405,8 @@ class Config:
         return RoutingTable(self.gitlab_host, mailboxes, self.custom_emails)
 
 
+_REDIS_FIELDS = frozenset(f.name for f in dataclasses.fields(RedisConfig))
+
 SYSTEM_SPOOL = Path("/var/lib/lmtp-gateway")  # the systemd unit's StateDirectory=lmtp-gateway
 
 
@@ -560,7 +563,8 @@ def _build(
         mailboxes=mailboxes,
         lmtp=LmtpConfig(**data.get("lmtp", {})),
         policy=PolicyConfig(**data.get("policy", {})),
-        redis=RedisConfig(**data.get("redis", {})),
+        # Left unresolved (secrets=False), sentinel_password_file / _env are no RedisConfig field: nothing reads them.
+        redis=RedisConfig(**{k: v for k, v in data.get("redis", {}).items() if k in _REDIS_FIELDS}),
         spool=SpoolConfig(
             path=Path(spool["path"]).expanduser() if "path" in spool else default_spool_path(),
             retention=spool.get("retention", DEFAULT_RETENTION),

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
+import yaml
 
-from lmtp_gateway.config import load_config, parse_config, parse_duration, parse_size
+from lmtp_gateway.config import SCHEMA, load_config, parse_config, parse_duration, parse_size
 from lmtp_gateway.errors import ConfigError, SecretError
+from tests.conftest import REPO
 
 GOOD = """
 gitlab:
@@ -226,3 +230,36 @@ def test_the_default_journal_is_the_services_when_this_machine_has_one(
     assert configuration.default_spool_path() == tmp_path / "var-lib-lmtp-gateway"
     monkeypatch.setenv("STATE_DIRECTORY", "/run/elsewhere")
     assert configuration.default_spool_path() == Path("/run/elsewhere")
+
+
+# A commented-out key in the example: "# key: value" at any depth, keys as YAML writes them (addresses too).
+COMMENTED_KEY = re.compile(r"(?m)^(\s*)# ?(?=\s*(?:- )?[\w.@-]+:(?:\s|$))")
+
+
+def _missing_keys(schema: Mapping[str, object], data: object, where: str = "") -> list[str]:
+    missing = []
+    for key, spec in schema.items():
+        path = f"{where}{key}"
+        if not isinstance(data, dict) or key not in data:
+            missing.append(path)
+        elif isinstance(spec, Mapping):
+            missing += _missing_keys(spec, data[key], f"{path}.")
+    return missing
+
+
+def test_the_example_configuration_shows_every_key_with_a_valid_value() -> None:
+    example = REPO / "contrib" / "config" / "gateway.yml"
+    config = load_config(example)  # as shipped: it runs without GitLab
+    assert config.mailboxes["incoming_email"].delivery_method == "maildir"
+    every_key = COMMENTED_KEY.sub(r"\1", example.read_text())
+    shown = yaml.safe_load(every_key)
+    assert "service_desk_email" in shown  # its keys are incoming_email's, shown there once
+    assert _missing_keys({**SCHEMA, "service_desk_email": {}}, shown) == []
+    parse_config(every_key, "every key uncommented", secrets=False)  # each example value has the right form
+
+
+def test_commands_without_secrets_read_a_redis_section_with_a_secret_source() -> None:
+    text = 'incoming_email: {address: "in+%{key}@h"}\nredis: {url: "redis://r/0", sentinel_password_env: NOT_SET_X}\n'
+    with pytest.raises(SecretError, match="NOT_SET_X"):
+        parse_config(text, "gw.yml")
+    assert parse_config(text, "gw.yml", secrets=False).redis.sentinel_password is None
