@@ -61,6 +61,8 @@ def main() -> None:
     \b
     Start with:
       lmtp-gateway explain --config /etc/lmtp-gateway/gateway.yml message.eml
+
+    Each command has its --help and its manual page (man lmtp-gateway-serve).
     """
 
 

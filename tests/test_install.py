@@ -37,7 +37,7 @@ def test_the_quick_starts_install_with_the_system_python(tmp_path: Path) -> None
     prefix, bin_dir = tmp_path / "opt", tmp_path / "bin"
     done = subprocess.run(
         [str(source / "scripts" / "install"), "--python", str(SYSTEM_PYTHON), "--prefix", str(prefix),
-         "--bin-dir", str(bin_dir), "--no-systemd"],
+         "--bin-dir", str(bin_dir), "--man-dir", str(tmp_path / "man1"), "--no-systemd"],
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -47,5 +47,8 @@ def test_the_quick_starts_install_with_the_system_python(tmp_path: Path) -> None
     explained = subprocess.run([str(command), "explain", "--json", str(source / "lmtp_gateway/examples/reply.eml")],
                                capture_output=True, text=True, timeout=60, cwd=tmp_path)  # fmt: skip
     assert explained.returncode == 0 and '"verdict": "deliver"' in explained.stdout
+    pages = sorted(page.name for page in (tmp_path / "man1").iterdir())
+    assert "lmtp-gateway.1" in pages and "lmtp-gateway-spool-list.1" in pages
+    assert (tmp_path / "man1" / "lmtp-gateway-serve.1").read_text().startswith('.TH "LMTP-GATEWAY-SERVE" "1"')
     helped = subprocess.run([str(source / "scripts" / "install"), "--help"], capture_output=True, text=True)
     assert helped.returncode == 0 and "--no-systemd" in helped.stdout
