@@ -509,7 +509,7 @@ def read_maillog(text: str, rcpt: str, messages: int, leg: Leg) -> None:
 def gateway_next_hop(workdir: Path, redis: RedisServer) -> Iterator[Target]:
     """Redis, the gateway, its policy service and a Postfix configured with ``postfix-config``'s fragments.
 
-    Exactly the production wiring of ``postfix/README.md`` (and ``tests/test_postfix_e2e.py``): Postfix asks
+    Exactly the production wiring of ``docs/postfix.md`` (and ``tests/test_postfix_e2e.py``): Postfix asks
     the policy service at RCPT and hands mail to the gateway's own ``gitlab-lmtp`` transport.
     """
     lmtp_port, policy_port = free_port(), free_port()
