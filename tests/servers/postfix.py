@@ -207,11 +207,19 @@ class PostfixServer(ChildServer):
         extra_master_cf: str = "",
         port: int | None = None,
         start_timeout: float = 60.0,
+        resolv_conf: str | None = None,
     ) -> None:
         """Configure, but do not start, a server.
 
         ``extra_main_cf`` adds or overrides main.cf parameters (including
         the :data:`TEST_ONLY_SETTINGS`), e.g. ``{"smtputf8_enable": "no"}``.
+
+        ``resolv_conf``: the text Postfix's daemons read as
+        ``/etc/resolv.conf`` (its DNS resolver has no other setting for the
+        server to ask, and the file has no port). The master then runs in a
+        mount namespace of its own, with this file bind-mounted over
+        ``/etc/resolv.conf`` (``unshare --mount``, which needs root, as
+        Postfix does); the machine's file is untouched.
         """
         if isinstance(domains, str):
             raise TypeError("domains must be a list of domain names, not a string")
@@ -228,6 +236,7 @@ class PostfixServer(ChildServer):
         self._port = port
         self._may_repick_port = port is None
         self._start_timeout = start_timeout
+        self._resolv_conf = resolv_conf
         self._proc: subprocess.Popen[bytes] | None = None  # the supervisor
         self._master_pid: int | None = None
         self._tmpdir: Path | None = None
@@ -471,7 +480,10 @@ class PostfixServer(ChildServer):
         pid_file = tmp / "supervisor.pid"
         pid_file.unlink(missing_ok=True)
         self._proc = start_process(
-            [sys.executable, "-c", _SUPERVISOR, str(pid_file), str(master), "-c", str(self.config_dir), "-s"],
+            [
+                *self._namespace_prefix(),
+                *(sys.executable, "-c", _SUPERVISOR, str(pid_file), str(master), "-c", str(self.config_dir), "-s"),
+            ],
             cwd=tmp,
             output=tmp / "master.stdout",
         )
@@ -485,6 +497,19 @@ class PostfixServer(ChildServer):
             proc=self._proc,
             log_files=log_files,
         )
+
+    def _namespace_prefix(self) -> list[str]:
+        """What runs the supervisor with a private /etc/resolv.conf: `unshare` and `sh` both exec (no fork), so
+        the supervisor keeps the process id (and the parent-death signal) of the child started here."""
+        if self._resolv_conf is None:
+            return []
+        resolv = self.tmpdir / "resolv.conf"
+        resolv.write_text(self._resolv_conf)
+        resolv.chmod(0o644)  # read by the daemons, as user postfix
+        require_binary("mount", "mount")
+        bind = 'mount --bind "$0" /etc/resolv.conf && exec "$@"'
+        unshare = require_binary("unshare", "util-linux")
+        return [unshare, "--mount", "--propagation", "private", "--", "/bin/sh", "-c", bind, str(resolv)]
 
     def _main_cf(self) -> dict[str, str]:
         tmp = self.tmpdir
