@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
 import re
 import time
 from collections import Counter
@@ -26,6 +28,8 @@ from lmtp_gateway.journal import DamagedEntry, Entry, Journal, State
 from lmtp_gateway.rules import RoutingTable, route
 from lmtp_gateway.sinks import Delivered, Permanent, Sinks, Transient, build_sinks
 from lmtp_gateway.spool import Selection, select, set_aside
+
+log = logging.getLogger(__name__)
 
 
 def parse_time(text: str, now: float | None = None) -> float:
@@ -69,7 +73,7 @@ async def _replay_entry(journal: Journal, sinks: Sinks, entry: Entry, dry_run: b
         again = " again" if force else ""
         return ReplayLine(entry.id, "would deliver", f"{entry.mailbox} via {sink.name}{again} (now {entry.state})")
     try:
-        raw = await asyncio.to_thread(journal.read_message, entry)
+        raw = await asyncio.to_thread(_read_message, journal, entry)
     except (DamagedEntry, FileNotFoundError) as damage:
         problem = str(damage) if isinstance(damage, DamagedEntry) else "message file missing"
         await asyncio.to_thread(journal.set_aside, entry.id, entry.state, problem)
@@ -92,6 +96,29 @@ async def _replay_entry(journal: Journal, sinks: Sinks, entry: Entry, dry_run: b
             await journal.update(entry)
             return ReplayLine(entry.id, "deferred", reason)
     raise AssertionError(outcome)
+
+
+def _read_message(journal: Journal, entry: Entry) -> bytes:
+    """The entry's message; first put back where it belongs if a crash cut a state change short. A state change
+    renames the .json first, so its .eml may still be in the directory of the state it came from. `serve` puts
+    that right at start-up; a journal carried from a host that never came back never had that start-up."""
+    try:
+        return journal.read_message(entry)
+    except FileNotFoundError:
+        left = next((path for path in _elsewhere(journal, entry) if path.exists()), None)
+        if left is None:
+            raise
+        os.replace(left, journal.eml_path(entry))
+        log.warning(
+            "journal: %s: message file found in %s/, where an interrupted state change left it; moved to %s/",
+            entry.id, left.parent.name, entry.state,
+            extra={"event": "repaired", "journal_id": entry.id},
+        )  # fmt: skip
+        return journal.read_message(entry)
+
+
+def _elsewhere(journal: Journal, entry: Entry) -> list[Path]:
+    return [journal.state_dir(state) / f"{entry.id}.eml" for state in State if state is not entry.state]
 
 
 async def ingest_files(
