@@ -31,6 +31,7 @@ from lmtp_gateway.journal import Journal
 from lmtp_gateway.listen import Address
 from lmtp_gateway.logs import redact_urls
 from lmtp_gateway.sinks import SidekiqSink, WebhookSink, read_webhook_key, redis_client
+from lmtp_gateway.spool import Spool
 
 Status = Literal["ok", "warn", "fail", "skip"]
 STATUSES: tuple[Status, ...] = ("ok", "warn", "fail", "skip")
@@ -246,12 +247,14 @@ async def check_journal(context: Context) -> list[Result]:
                 "free space or fix the mount and permissions of spool.path; serve answers 452 until it can write",
             )
         ]
-    quarantined = journal.quarantined()
+    shards = Spool(root).journals  # one journal per worker
+    quarantined = [(shard, entry_id) for shard in shards for entry_id in shard.quarantined()]
+    places = ", ".join(sorted({str(shard.quarantine) for shard, _ in quarantined}))
     set_aside = (
         [
             Result(
                 "warn",
-                f"journal {root}: {len(quarantined)} damaged entries set aside in {journal.quarantine}",
+                f"journal {root}: {len(quarantined)} damaged entries set aside in {places}",
                 "lmtp-gateway spool list --quarantined says what is wrong with each; repair them, then "
                 "lmtp-gateway replay --quarantined",
             )

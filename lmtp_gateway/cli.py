@@ -10,15 +10,19 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from lmtp_gateway.config import ENV_CONFIG, Config, load_config
+from lmtp_gateway.config import EMBEDDED_SOURCE, ENV_CONFIG, Config, load_config
 from lmtp_gateway.errors import GatewayError
-from lmtp_gateway.journal import Journal, State
+from lmtp_gateway.journal import State
+from lmtp_gateway.listen import Address
 from lmtp_gateway.logs import setup_logging
 from lmtp_gateway.rules import MAILBOX_TYPES, Verdict, route
+
+if TYPE_CHECKING:
+    from lmtp_gateway.spool import Spool
 
 CONFIG_HELP = f"Gateway YAML or GitLab's gitlab.yml (default: ${ENV_CONFIG}, else the embedded default)."
 
@@ -131,15 +135,24 @@ def render_verdict(verdict: Verdict, config: Config) -> str:
     metavar="HOST:PORT",
     help="Override monitoring.listen (/metrics, /livez, /readyz; default 127.0.0.1:9425); off to disable.",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Override lmtp.workers: processes sharing the listeners, each with its own journal shard.",
+)
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--log-json/--log-text", default=None, help="Log format (default: JSON unless on a terminal).")
+@click.option("--worker-seat", hidden=True, help="Internal: run as a worker of a supervisor (its sockets).")
 def serve(
     config_path: str | None,
     listen: tuple[str, ...],
     spool: str | None,
     monitoring_listen: str | None,
+    workers: int | None,
     log_level: str,
     log_json: bool | None,
+    worker_seat: str | None,
 ) -> None:
     """Receive mail from Postfix over LMTP and deliver it to GitLab.
 
@@ -147,29 +160,67 @@ def serve(
     before the 250, then delivered to the mailbox's sink (sidekiq, webhook or maildir) with retries.
     SIGTERM stops accepting, finishes transactions in progress, flushes the dispatcher and exits 0.
 
+    With more than one worker (lmtp.workers, default one per CPU), a supervisor binds the listeners and runs
+    the workers, each a whole gateway with its journal shard under spool.path; it restarts a worker that dies
+    and answers /metrics and /readyz for all of them.
+
     \b
     Example (embedded default: LMTP on 127.0.0.1:2424, Maildir under ~/.local/state/lmtp-gateway):
       lmtp-gateway serve
       lmtp-gateway serve --config /etc/lmtp-gateway/gateway.yml --listen unix:/run/lmtp-gateway/lmtp.sock
       lmtp-gateway serve --monitoring-listen 127.0.0.1:9100     # then: curl -s 127.0.0.1:9100/metrics
+      lmtp-gateway serve --workers 1
     """
     from lmtp_gateway.service import Gateway
+    from lmtp_gateway.workers import Seat, die_with_parent
 
+    if worker_seat is not None:
+        seat = Seat.from_argument(worker_seat)
+        die_with_parent(seat.parent)
+        setup_logging(log_level, log_json, worker=seat.index)
+        config = _load(config_path, spool=spool, listen=listen)
+        asyncio.run(Gateway(config, seat=seat).run(on_ready=lambda _: seat.report_ready()))
+        return
     setup_logging(log_level, log_json)
     config = _load(config_path, spool=spool, listen=listen, monitoring_listen=monitoring_listen)
-    gateway = Gateway(config)
-
-    def ready(running: Gateway) -> None:
-        monitoring = f"; monitoring http://{running.ops.address}/metrics" if running.ops.address else ""
-        click.echo(
-            f"lmtp-gateway: listening on {', '.join(running.lmtp.addresses)}; journal {config.spool.path}{monitoring}",
-            err=True,
-        )
-
+    count = workers or config.lmtp.workers
     try:
-        asyncio.run(gateway.run(on_ready=ready))
+        if count > 1:
+            sys.exit(asyncio.run(_supervise(config, count, log_level, log_json)))
+        from lmtp_gateway.journal.shards import merge_orphans
+
+        asyncio.run(merge_orphans(config.spool.path, 1, sync=config.spool.sync))  # from a run with more workers
+        gateway = Gateway(config)
+        addresses = lambda: gateway.lmtp.addresses  # noqa: E731
+        asyncio.run(gateway.run(on_ready=lambda _: _say_ready(config, addresses(), gateway.ops.address, 1)))
     except (OSError, GatewayError) as error:
         raise click.ClickException(f"cannot start: {error}") from None
+
+
+async def _supervise(config: Config, count: int, log_level: str, log_json: bool | None) -> int:
+    from lmtp_gateway.workers import Supervisor
+
+    command = [sys.executable, "-m", "lmtp_gateway", "serve", "--spool", str(config.spool.path)]
+    command += ["--log-level", log_level, *([] if log_json is None else ["--log-json" if log_json else "--log-text"])]
+    if config.source != EMBEDDED_SOURCE:
+        command += ["--config", config.source]
+    for spec in config.lmtp.listen:
+        command += ["--listen", spec]
+    supervisor = Supervisor(config, count, command)
+
+    def ready(running: Supervisor) -> None:
+        addresses = [str(Address.parse(spec).bound(s)) for spec, s in running.lmtp_listeners]
+        _say_ready(config, addresses, running.ops.address, count)
+
+    return await supervisor.run(on_ready=ready)
+
+
+def _say_ready(config: Config, addresses: list[str], monitoring: str | None, workers: int) -> None:
+    shown = f"; monitoring http://{monitoring}/metrics" if monitoring else ""
+    processes = f"; {workers} workers" if workers > 1 else ""
+    click.echo(
+        f"lmtp-gateway: listening on {', '.join(addresses)}; journal {config.spool.path}{processes}{shown}", err=True
+    )
 
 
 # --- collect ---
@@ -276,15 +327,19 @@ def check(config_path: str | None, spool: str | None, nameserver: str | None, ti
 # --- replay ---
 
 
-def _journal(config: Config) -> Journal:
-    """The journal the configuration names, said on standard error (which one is looked at is never a guess)."""
-    journal = Journal(config.spool.path, sync=config.spool.sync)
-    if not journal.root.is_dir():
+def _spool(config: Config) -> Spool:
+    """The journals the configuration names (one per worker), said on standard error: which one is looked at is
+    never a guess."""
+    from lmtp_gateway.spool import Spool
+
+    spool = Spool(config.spool.path, sync=config.spool.sync)
+    if not spool.root.is_dir():
         where = f"spool.path in {config.source}"
-        click.echo(f"note: no journal at {journal.root} yet ({where}): nothing received", err=True)
+        click.echo(f"note: no journal at {spool.root} yet ({where}): nothing received", err=True)
     else:
-        click.echo(f"journal: {journal.root}", err=True)
-    return journal
+        shards = f" ({len(spool.journals)} shards, one per worker)" if len(spool.journals) > 1 else ""
+        click.echo(f"journal: {spool.root}{shards}", err=True)
+    return spool
 
 
 def _time_option(name: str, help_text: str) -> Callable[[Any], Any]:
@@ -553,9 +608,9 @@ def spool_list(
     """
     from lmtp_gateway.spool import select, set_aside
 
-    journal = _journal(_load(config_path, secrets=False, spool=spool))
+    journals = _spool(_load(config_path, secrets=False, spool=spool))
     if quarantined:
-        for found in set_aside(journal, ids):
+        for found in set_aside(journals, ids):
             problem = found.problem or f"whole again: lmtp-gateway replay --quarantined --id {found.id}"
             if as_json:
                 entry = json.loads(found.entry.to_json()) if found.entry else None
@@ -563,7 +618,7 @@ def spool_list(
             else:
                 click.echo(f"{found.id}  {problem}")
         return
-    entries = select(journal, _selection(ids, states, mailbox, since, until))
+    entries = select(journals, _selection(ids, states, mailbox, since, until))
     if limit:
         entries = entries[-limit:]
     if not as_json and entries:
@@ -597,11 +652,12 @@ def spool_show(config_path: str | None, spool: str | None, with_message: bool, a
     """
     from lmtp_gateway.spool import Selection, fields, select
 
-    journal = _journal(_load(config_path, secrets=False, spool=spool))
-    found = select(journal, Selection(ids=(entry_id,)))
+    journals = _spool(_load(config_path, secrets=False, spool=spool))
+    found = select(journals, Selection(ids=(entry_id,)))
     if len(found) != 1:
         raise click.ClickException(f"{entry_id}: {'no entry' if not found else f'{len(found)} entries'} with this id")
     entry = found[0]
+    journal = journals.journal_of(entry)
     if as_json:
         click.echo(json.dumps(json.loads(entry.to_json()), indent=1, ensure_ascii=False))
     else:
@@ -618,7 +674,7 @@ def spool_show(config_path: str | None, spool: str | None, with_message: bool, a
 @spool_option
 @click.option("--json", "as_json", is_flag=True)
 def spool_stats(config_path: str | None, spool: str | None, as_json: bool) -> None:
-    """Count entries per state, and how old the oldest pending one is.
+    """Count entries per state in every shard, and how old the oldest one waiting for delivery is.
 
     \b
     Example:
@@ -626,17 +682,18 @@ def spool_stats(config_path: str | None, spool: str | None, as_json: bool) -> No
     """
     from lmtp_gateway.spool import stats
 
-    counted = stats(_journal(_load(config_path, secrets=False, spool=spool)))
+    counted = stats(_spool(_load(config_path, secrets=False, spool=spool)))
     if as_json:
         click.echo(json.dumps(counted.as_dict()))
         return
-    click.echo(f"journal: {counted.journal}")
+    shards = f" ({counted.shards} shards)" if counted.shards > 1 else ""
+    click.echo(f"journal: {counted.spool}{shards}")
     for state, count in counted.counts.items():
         click.echo(f"  {state:11} {count}")
     quarantined = "  (lmtp-gateway spool list --quarantined)" if counted.quarantined else ""
     click.echo(f"  {'quarantined':11} {counted.quarantined}{quarantined}")
     age = counted.oldest_pending_seconds
-    click.echo(f"  oldest pending: {f'{age} s' if age is not None else '-'}")
+    click.echo(f"  oldest waiting: {f'{age} s' if age is not None else '-'}")
 
 
 # --- config import ---

@@ -100,6 +100,16 @@ def parse_duration(value: Any) -> int:
     return int(found[1]) * _SECONDS[found[2].lower()]
 
 
+def _workers(value: Any) -> int:
+    """lmtp.workers: a number of processes, or "auto" for one per CPU."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return os.cpu_count() or 1
+    try:
+        return _positive(value)
+    except ValueError:
+        raise ValueError(f"expected auto or a number of worker processes (1 or more), got {_kind(value)}") from None
+
+
 def _file_mode(value: Any) -> int:
     text = f"{value:o}" if isinstance(value, int) and not isinstance(value, bool) else value
     if isinstance(text, str) and re.fullmatch(r"0?[0-7]{3}", text.strip()):
@@ -251,6 +261,7 @@ SCHEMA: Schema = {
         "socket_mode": _file_mode,
         "socket_group": _string,
         "hostname": _string,
+        "workers": _workers,
     },
     "redis": _with_secret_sources(
         {
@@ -322,6 +333,7 @@ class LmtpConfig:
     socket_mode: int = 0o660
     socket_group: str | None = None
     hostname: str | None = None
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)  # serve's processes, one journal shard each
 
 
 @dataclass(frozen=True)
@@ -421,6 +433,8 @@ def default_spool_path() -> Path:
     return Path(state_home) / "lmtp-gateway"
 
 
+EMBEDDED_SOURCE = "<embedded default>"
+
 # Used when no file is given: LMTP on loopback, delivery to a local Maildir, no GitLab needed.
 EMBEDDED_DEFAULT = """\
 gitlab:
@@ -445,7 +459,7 @@ def load_config(path: str | os.PathLike[str] | None = None, *, secrets: bool = T
     postfix-config, policy), which then run where the service's secrets are not at hand."""
     chosen = path if path is not None else os.environ.get(ENV_CONFIG) or None
     if chosen is None:
-        return parse_config(EMBEDDED_DEFAULT, "<embedded default>")
+        return parse_config(EMBEDDED_DEFAULT, EMBEDDED_SOURCE)
     source = str(chosen)
     try:
         text = Path(chosen).read_text(encoding="utf-8")

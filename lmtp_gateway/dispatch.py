@@ -1,27 +1,36 @@
-"""The dispatcher: moves pending journal entries to their sink, now and then again with backoff.
+"""The dispatcher: moves waiting journal entries to their sink, now and then again with backoff.
 
 An entry is marked delivered only on a confirmed success; a permanent refusal moves it to ``failed`` (a dead
-letter to replay); anything else, including an unexpected exception, is a temporary failure retried with capped
-exponential backoff, for as long as it takes. Nothing here deletes mail.
+letter to replay); anything else, including an unexpected exception, is a temporary failure: the entry goes to
+``deferred/`` with the time of its next attempt (capped exponential backoff), for as long as it takes. Nothing
+here deletes mail.
+
+As Postfix's queue manager does, the dispatcher holds only an *active window* of entries in memory: what
+arrives while the window is full waits in ``pending/``, and a deferred entry leaves memory until its retry is
+due. The refill loop reads both back as room frees up, so memory stays bounded through an outage of any length
+(a GitLab Redis down for a day leaves hundreds of thousands of entries on disk, and a few thousand in memory).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
-import itertools
 import logging
+import math
 import random
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from lmtp_gateway.journal import DamagedEntry, Entry, Journal, State
+from lmtp_gateway.journal import WAITING, DamagedEntry, Entry, Journal, State
 from lmtp_gateway.metrics import Metrics
 from lmtp_gateway.sinks import Delivered, Outcome, Permanent, Sinks, Transient
 
 log = logging.getLogger(__name__)
+
+ACTIVE_WINDOW = 5000  # entries in memory at most (Postfix's qmgr_message_active_limit is 20 000, for smaller ones)
+RESCAN_SECONDS = 60.0  # look at pending/ for entries another process (replay, a collector) left there
+MIN_DEFERRED_SCAN_SECONDS = 1.0  # between two scans of deferred/, however many retries fall due in between
 
 
 def backoff_delay(attempts: int, base: float, cap: float, jitter: float = 0.1) -> float:
@@ -73,6 +82,10 @@ class Dispatcher:
         clock: Callable[[], float] = time.time,
         max_bytes_in_flight: int = 16 * 1024 * 1024,
         metrics: Metrics | None = None,
+        window: int = ACTIVE_WINDOW,
+        refill: bool = True,
+        rescan_seconds: float | None = None,
+        min_deferred_scan: float = MIN_DEFERRED_SCAN_SECONDS,
     ) -> None:
         self.journal = journal
         self.sinks = sinks
@@ -82,45 +95,59 @@ class Dispatcher:
         self.clock = clock
         self.stats = DispatchStats()
         self.metrics = metrics or Metrics()
+        self.window = window
+        # The journal's owner reads entries back from disk; `replay` delivers only what it hands in itself.
+        self.refill = refill
+        self.rescan_seconds = RESCAN_SECONDS if rescan_seconds is None else rescan_seconds
+        self.min_deferred_scan = min(min_deferred_scan, backoff_base)
+        self._deferred_gap = self.min_deferred_scan
         self._budget = ByteBudget(max_bytes_in_flight)
         self._ready: asyncio.Queue[tuple[Entry, bytes | None]] = asyncio.Queue()
-        self._retry: list[tuple[float, int, Entry]] = []
-        self._sequence = itertools.count()
-        self._retry_changed = asyncio.Event()
-        # id -> received_at of every entry handed in and not finished: queued, being delivered or waiting
+        # The active window: id -> received_at of every entry handed in and not finished or deferred.
         self._known: dict[str, float] = {}
+        self._spilled = True  # pending/ may hold entries that are not in the window (at start: all of them)
+        self._next_due: float | None = 0.0  # when a deferred entry falls due; None: nothing deferred
+        self._wake = asyncio.Event()
+        self._filled = asyncio.Event()  # the first refill is done: what waited at start is in the window
 
     # --- feeding ---
 
     def submit(self, entry: Entry, raw: bytes | None = None) -> None:
         """Deliver `entry` as soon as a worker is free (it is already committed in the journal). `raw` is the
-        stored message when the caller still holds it; otherwise it is read from the journal."""
+        stored message when the caller still holds it; otherwise it is read from the journal. With the window
+        full, the entry waits in pending/ and the refill loop reads it back later."""
         if entry.id in self._known:
             return  # a Postfix retry of a message still on its way
+        if len(self._known) >= self.window:
+            self._spilled = True
+            return
         self._known[entry.id] = entry.received_at
         self._ready.put_nowait((entry, raw))
 
     def knows(self, entry_id: str) -> bool:
-        """Is the entry handed in and not finished (queued, being delivered or waiting for a retry)?"""
+        """Is the entry in the active window (queued or being delivered)?"""
         return entry_id in self._known
 
-    def _schedule(self, entry: Entry, due: float) -> None:
-        heapq.heappush(self._retry, (due, next(self._sequence), entry))
-        self._retry_changed.set()
+    @property
+    def active(self) -> int:
+        """Entries in memory now: the window's occupancy."""
+        return len(self._known)
 
     @property
     def backlog(self) -> int:
-        return len(self._known)
+        """Entries waiting for delivery, in memory or not (pending and deferred in the journal)."""
+        return self.journal.count(*WAITING)
 
     def pending(self) -> tuple[int, float | None]:
-        """The backlog and when its oldest entry was received (for the metrics, read at scrape time)."""
-        return len(self._known), min(self._known.values(), default=None)
-
-    def waiting(self) -> list[Entry]:
-        return [entry for _, _, entry in self._retry]
+        """The backlog and when its oldest entry arrived, from the journal (for the metrics, read at scrape
+        time in the scraper's thread)."""
+        return self.journal.waiting()
 
     async def flush(self) -> None:
-        """Until every entry handed in so far has had its attempt (retries waiting for later do not count)."""
+        """Until every entry in the window has had its attempt (deferred ones do not count); with `refill`, after
+        the window was first filled from the journal."""
+        if self.refill:
+            await self._filled.wait()
         await self._ready.join()
 
     # --- running ---
@@ -129,18 +156,63 @@ class Dispatcher:
         async with asyncio.TaskGroup() as group:
             for number in range(self.workers):
                 group.create_task(self._worker(), name=f"dispatch-{number}")
-            group.create_task(self._timer(), name="dispatch-retry-timer")
+            if self.refill:
+                group.create_task(self._refill(), name="dispatch-refill")
 
-    async def _timer(self) -> None:
+    async def _refill(self) -> None:
+        """Fill the window from the journal: deferred entries as they fall due, then pending ones it could not
+        take when they came (or that another process left), oldest retries first."""
+        last_rescan = -math.inf
+        last_deferred_scan = -math.inf
         while True:
-            self._retry_changed.clear()
-            now = self.clock()
-            while self._retry and self._retry[0][0] <= now:
-                _, _, entry = heapq.heappop(self._retry)
+            self._wake.clear()
+            now, monotonic = self.clock(), time.monotonic()
+            deferred_due = self._next_due is not None and self._next_due <= now
+            if deferred_due and self._room() and monotonic - last_deferred_scan >= self._deferred_gap:
+                last_deferred_scan = monotonic
+                due, self._next_due = await asyncio.to_thread(self.journal.due, now, self._room())
+                # A long deferred queue is scanned less often: never more than a tenth of the time.
+                self._deferred_gap = max(self.min_deferred_scan, 10 * (time.monotonic() - monotonic))
+                self._admit(await asyncio.to_thread(self.journal.load_all, State.DEFERRED, due))
+            if self._room() and (self._spilled or monotonic - last_rescan >= self.rescan_seconds):
+                last_rescan, self._spilled = monotonic, False  # a submit during the scan spills again
+                unknown, more = await asyncio.to_thread(
+                    # A commit under way has its files in pending/ before they are durable (and before its 250).
+                    self.journal.first_ids, State.PENDING, self._room(), self._in_hand
+                )
+                self._spilled = self._spilled or more
+                self._admit(await asyncio.to_thread(self.journal.load_all, State.PENDING, unknown))
+            self._filled.set()
+            await self._sleep(last_rescan, last_deferred_scan)
+
+    async def _sleep(self, last_rescan: float, last_deferred_scan: float) -> None:
+        """Until room frees up for entries that wait, a retry falls due, or the next rescan."""
+        now, monotonic = self.clock(), time.monotonic()
+        wake_at = [last_rescan + self.rescan_seconds - monotonic]
+        if self._next_due is not None:
+            wake_at.append(max(self._next_due - now, last_deferred_scan + self._deferred_gap - monotonic))
+        if self._spilled and self._room():
+            wake_at.append(0.0)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), max(0.0, min(wake_at)))
+
+    def _in_hand(self, entry_id: str) -> bool:
+        """In the window already, or a commit under way (called from the scanning thread: reads only)."""
+        return entry_id in self._known or self.journal.committing(entry_id)
+
+    def _room(self) -> int:
+        return max(0, self.window - len(self._known))
+
+    def _admit(self, entries: list[Entry]) -> None:
+        for entry in entries:
+            if entry.id not in self._known:
+                self._known[entry.id] = entry.received_at
                 self._ready.put_nowait((entry, None))
-            timeout = self._retry[0][0] - now if self._retry else None
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._retry_changed.wait(), timeout)
+
+    def _deferred_until(self, due: float) -> None:
+        if self._next_due is None or due < self._next_due:
+            self._next_due = due
+            self._wake.set()
 
     async def _worker(self) -> None:
         while True:
@@ -157,10 +229,9 @@ class Dispatcher:
                 await self._record(entry, outcome)
             except OSError as error:  # the journal could not record it: keep the entry, try again later
                 log.error("journal: cannot record outcome of %s: %s", entry.id, error)
-                self._schedule(entry, self.clock() + self.backoff_cap)
+                asyncio.get_running_loop().call_later(self.backoff_cap, self._ready.put_nowait, (entry, None))
             finally:
                 self._ready.task_done()
-
     async def _read(self, entry: Entry) -> bytes | None:
         """The stored message, checked whole; None when there is nothing to deliver. A damaged entry is set aside
         (quarantine/) rather than delivered as it is or retried for ever."""
@@ -228,8 +299,7 @@ class Dispatcher:
             case Transient(reason, _):
                 delay = backoff_delay(entry.attempts, self.backoff_base, self.backoff_cap)
                 entry.last_error = reason
-                entry.next_attempt_at = self.clock() + delay
-                await self.journal.update(entry)
+                await self.journal.defer(entry, self.clock() + delay)
                 self.stats.transient += 1
                 log.warning(
                     "temporary failure, retry in %.1fs: %s",
@@ -237,7 +307,10 @@ class Dispatcher:
                     reason,
                     extra={"event": "deferred", "journal_id": entry.id, "mailbox": entry.mailbox, "sink": entry.sink},
                 )
-                self._schedule(entry, entry.next_attempt_at)
+                self._done(entry)
+                self._deferred_until(self.clock() + delay)
 
     def _done(self, entry: Entry) -> None:
         self._known.pop(entry.id, None)
+        if self._spilled or (self._next_due is not None and self._next_due <= self.clock()):
+            self._wake.set()  # room for what waits on disk

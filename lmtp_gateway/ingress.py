@@ -456,10 +456,18 @@ class LmtpServer:
             timeout=self.timeout,
         )
 
-    async def listen(self, spec: str, *, socket_mode: int = 0o660, socket_group: str | None = None) -> str:
-        """Start one listener: ``HOST:PORT`` (port 0 picks a free one) or ``unix:PATH``. Returns its address."""
+    async def listen(
+        self,
+        spec: str,
+        *,
+        socket_mode: int = 0o660,
+        socket_group: str | None = None,
+        listener: socket.socket | None = None,
+    ) -> str:
+        """Start one listener: ``HOST:PORT`` (port 0 picks a free one) or ``unix:PATH``, on `listener` when the
+        socket is bound already (a worker's, shared with the others). Returns its address."""
         server, bound = await Address.parse(spec).serve(
-            self._factory, key="lmtp.listen", socket_mode=socket_mode, socket_group=socket_group
+            self._factory, key="lmtp.listen", socket_mode=socket_mode, socket_group=socket_group, listener=listener
         )
         self.servers.append(server)
         self.addresses.append(str(bound))

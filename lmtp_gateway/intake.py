@@ -62,12 +62,21 @@ def target_fingerprint(digest: bytes, mailbox: str, key: str) -> str:
 
 class Intake:
     def __init__(
-        self, table: RoutingTable, journal: Journal, dispatcher: Dispatcher | None, metrics: Metrics | None = None
+        self,
+        table: RoutingTable,
+        journal: Journal,
+        dispatcher: Dispatcher | None,
+        metrics: Metrics | None = None,
+        *,
+        siblings: list[Journal] | None = None,
     ) -> None:
         self.table = table
         self.journal = journal
         self.dispatcher = dispatcher
         self.metrics = metrics or (dispatcher.metrics if dispatcher is not None else Metrics())
+        # The other workers' shards, read only: a Postfix retry that reaches another worker than the first time
+        # finds the entry there (Redis guards Sidekiq delivery on its own; webhook and Maildir need this).
+        self.siblings = siblings or []
 
     @staticmethod
     def received(raw: bytes) -> Received:
@@ -138,8 +147,17 @@ class Intake:
             found.append(copy_verdict(self.table, header, rcpt, recipient.mailbox, recipient.key))
         return found
 
-    def _find(self, entry_id: str, drafts: list[Draft]) -> Entry | None:
-        return self.journal.find(entry_id) or next((d.entry for d in drafts if d.entry.id == entry_id), None)
+    def _find(self, entry_id: str, drafts: list[Draft]) -> tuple[Entry | None, bool]:
+        """The entry with this id, and whether it is this journal's: in this transaction's drafts, this journal,
+        or (not this journal's) another worker's shard."""
+        found = next((d.entry for d in drafts if d.entry.id == entry_id), None) or self.journal.find(entry_id)
+        if found is not None:
+            return found, True
+        for sibling in self.siblings:
+            found = sibling.find(entry_id)
+            if found is not None:
+                return found, False
+        return None, True
 
     async def _commit(
         self,
@@ -165,12 +183,12 @@ class Intake:
                     continue
             copy_mailbox = verdict.mailbox or mailbox or "-"
             identity = fingerprint(received.digest, copy_mailbox, rcpt or "")
-            existing = self._find(identity[:ID_LENGTH], drafts)  # a retry of this very copy
+            existing, mine = self._find(identity[:ID_LENGTH], drafts)  # a retry of this very copy
             state, duplicate_of = State.DROPPED, None
             if existing is None and verdict.verdict == "deliver":
                 assert verdict.key is not None
                 target = target_fingerprint(received.digest, copy_mailbox, verdict.key)
-                carrier = self._find(target[:ID_LENGTH], drafts)
+                carrier, mine = self._find(target[:ID_LENGTH], drafts)
                 if carrier is None:
                     identity, state = target, State.PENDING
                 elif carrier.rcpt == rcpt:
@@ -178,7 +196,8 @@ class Intake:
                 else:
                     duplicate_of = carrier.id  # GitLab would route this copy exactly as that one
             if existing is not None:
-                if existing.state is State.PENDING and self.dispatcher is not None:
+                # Another worker's entry is that worker's to deliver.
+                if mine and existing.state is State.PENDING and self.dispatcher is not None:
                     self.dispatcher.submit(existing)  # no-op when already on its way; recovers an orphan otherwise
                 results.append(Acceptance(rcpt, verdict, existing, duplicate=True))
                 continue

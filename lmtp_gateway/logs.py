@@ -35,6 +35,7 @@ FIELDS = (
     "address",
     "latency_ms",
     "attempts",
+    "worker",
 )
 
 
@@ -107,9 +108,23 @@ def connected_to_journald(stream: object) -> bool:
     return (status.st_dev, status.st_ino) == (device, inode)
 
 
-def setup_logging(level: str = "info", json_lines: bool | None = None) -> None:
+class _Worker(logging.Filter):
+    """Every line of a worker process says which worker wrote it."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.index
+        return True
+
+
+def setup_logging(level: str = "info", json_lines: bool | None = None, *, worker: int | None = None) -> None:
     """JSON unless standard error is a terminal (or `json_lines` says otherwise); priorities for journald."""
     handler = logging.StreamHandler(sys.stderr)
+    if worker is not None:
+        handler.addFilter(_Worker(worker))
     use_json = not sys.stderr.isatty() if json_lines is None else json_lines
     formatter: logging.Formatter = JsonFormatter() if use_json else TerminalFormatter()
     handler.setFormatter(PriorityPrefix(formatter) if connected_to_journald(sys.stderr) else formatter)

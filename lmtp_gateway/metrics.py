@@ -45,6 +45,7 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.clock = clock or time.time
         self._backlog: Backlog = lambda: (0, None)
+        self._backlog_now: tuple[int, float | None] = (0, None)  # read once per scrape: it lists the journal
         self._quarantined: Callable[[], int] = lambda: 0
 
         def counter(name: str, text: str, *labels: str) -> Counter:
@@ -84,8 +85,17 @@ class Metrics:
             ("mailbox", "state"),
             registry=self.registry,
         )
-        backlog = Gauge(f"{PREFIX}_journal_pending", "Journal entries waiting for delivery.", registry=self.registry)
-        backlog.set_function(lambda: self._backlog()[0])
+        backlog = Gauge(
+            f"{PREFIX}_journal_pending",
+            "Journal entries waiting for delivery (in pending/ and deferred/).",
+            registry=self.registry,
+        )
+        backlog.set_function(lambda: self._backlog_now[0])
+        self.active = Gauge(
+            f"{PREFIX}_dispatch_active",
+            "Entries in the dispatcher's active window (in memory; the rest of the backlog waits on disk).",
+            registry=self.registry,
+        )
         oldest = Gauge(
             f"{PREFIX}_journal_oldest_pending_age_seconds",
             "Age of the oldest entry waiting for delivery (0 when none waits).",
@@ -118,7 +128,9 @@ class Metrics:
             family.labels(mailbox=mailbox, sink=sink)
 
     def render(self) -> bytes:
-        """The Prometheus text exposition of everything above."""
+        """The Prometheus text exposition of everything above. Reads the journal's directories: call it in a
+        thread, not on the event loop."""
+        self._backlog_now = self._backlog()
         return generate_latest(self.registry)
 
     # --- events ---
@@ -163,5 +175,5 @@ class Metrics:
         self.collected.labels(mailbox=mailbox).inc(count)
 
     def _oldest_age(self) -> float:
-        _, oldest = self._backlog()
+        _, oldest = self._backlog_now
         return 0.0 if oldest is None else max(0.0, self.clock() - oldest)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable
 
@@ -89,11 +90,13 @@ class OpsServer:
         self.server: asyncio.Server | None = None
         self.address: str | None = None
 
-    async def listen(self, spec: str, *, key: str = "monitoring.listen") -> str:
-        """Listen on HOST:PORT (port 0 picks a free one); a port that cannot be bound is a ListenError naming
-        `key`. Returns the address bound."""
+    async def listen(self, spec: str, *, key: str = "monitoring.listen", listener: socket.socket | None = None) -> str:
+        """Listen on HOST:PORT (port 0 picks a free one), or on `listener` when bound already; a port that cannot
+        be bound is a ListenError naming `key`. Returns the address bound."""
         fix = f"set {key} to a free HOST:PORT, or to off"
-        self.server, bound = await Address.parse(spec).serve_streams(self._serve, key=key, limit=MAX_HEAD, fix=fix)
+        self.server, bound = await Address.parse(spec).serve_streams(
+            self._serve, key=key, limit=MAX_HEAD, fix=fix, listener=listener
+        )
         self.address = str(bound)
         log.info("monitoring on http://%s/metrics", self.address, extra={"event": "listening", "address": self.address})
         return self.address
@@ -139,7 +142,8 @@ class OpsServer:
         elif method not in ("GET", "HEAD"):
             await self._send(writer, method, 405, f"{method} not allowed; use GET\n", {"Allow": "GET, HEAD"})
         elif path == "/metrics":
-            await self._send(writer, method, 200, self.metrics.render(), content_type=CONTENT_TYPE)
+            text = await asyncio.to_thread(self.metrics.render)  # it lists the journal's directories
+            await self._send(writer, method, 200, text, content_type=CONTENT_TYPE)
         elif path == "/livez":
             await self._send(writer, method, 200, "ok\n")
         else:

@@ -27,7 +27,7 @@ from lmtp_gateway.intake import Intake
 from lmtp_gateway.journal import DamagedEntry, Entry, Journal, State
 from lmtp_gateway.rules import RoutingTable, route
 from lmtp_gateway.sinks import Delivered, Permanent, Sinks, Transient, build_sinks
-from lmtp_gateway.spool import Selection, select, set_aside
+from lmtp_gateway.spool import Selection, Spool, select, set_aside
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +53,11 @@ class ReplayLine:
 
 
 async def replay_entries(
-    journal: Journal, sinks: Sinks, entries: Iterable[Entry], *, dry_run: bool, progress: Callable[[], None]
+    spool: Spool, sinks: Sinks, entries: Iterable[Entry], *, dry_run: bool, progress: Callable[[], None]
 ) -> list[ReplayLine]:
     lines = []
     for entry in entries:
-        lines.append(await _replay_entry(journal, sinks, entry, dry_run))
+        lines.append(await _replay_entry(spool.journal_of(entry), sinks, entry, dry_run))
         progress()
     return lines
 
@@ -158,12 +158,12 @@ async def _ingest_one(intake: Intake, path: Path, raw: bytes, rcpt: str | None, 
     return ReplayLine(str(path), action, acceptance.entry.id)
 
 
-async def restore_set_aside(journal: Journal, sinks: Sinks, ids: tuple[str, ...], *, dry_run: bool) -> list[ReplayLine]:
+async def restore_set_aside(spool: Spool, sinks: Sinks, ids: tuple[str, ...], *, dry_run: bool) -> list[ReplayLine]:
     """Entries set aside in quarantine/ that an admin repaired: each whole one back to pending and delivered;
     each still damaged one reported with what is wrong."""
     lines = []
-    for found in set_aside(journal, ids):
-        where = journal.quarantine / found.id
+    for found in set_aside(spool, ids):
+        journal, where = found.journal, found.where
         if found.entry is None or found.problem is not None:
             fix = f"repair {where}.json and .eml, or feed {where}.eml in with --rcpt"
             lines.append(ReplayLine(found.id, "damaged", f"{found.problem}: {fix}"))
@@ -199,18 +199,19 @@ async def run(
 ) -> list[ReplayLine]:
     """What `lmtp-gateway replay` does: entries chosen by `selection`, or else `files` as new mail."""
     sinks = build_sinks(config)
-    journal = Journal(config.spool.path, sync=config.spool.sync)
+    spool = Spool(config.spool.path, sync=config.spool.sync)
+    journal = spool.journals[0]  # new mail fed in goes to worker 0's shard, as if it had arrived there
     try:
         if quarantined:
-            return await restore_set_aside(journal, sinks, selection.ids if selection else (), dry_run=dry_run)
+            return await restore_set_aside(spool, sinks, selection.ids if selection else (), dry_run=dry_run)
         if selection is not None:
-            entries = select(journal, selection)
+            entries = select(spool, selection)
             with progress(len(entries), "replaying") as step:
-                return await replay_entries(journal, sinks, entries, dry_run=dry_run, progress=step)
+                return await replay_entries(spool, sinks, entries, dry_run=dry_run, progress=step)
         files = list(files)
         journal.ensure_layout()
-        dispatcher = Dispatcher(journal, sinks)
-        intake = Intake(config.routing, journal, None if dry_run else dispatcher)
+        dispatcher = Dispatcher(journal, sinks, refill=False)  # what it ingests, not what `serve` owns
+        intake = Intake(config.routing, journal, None if dry_run else dispatcher, siblings=spool.journals[1:])
         with progress(len(files), "ingesting") as step:
             lines = await ingest_files(
                 intake, config.routing, files, rcpt=rcpt, mail_from=mail_from, dry_run=dry_run, progress=step
@@ -220,12 +221,12 @@ async def run(
         return lines
     finally:
         await sinks.close()
-        journal.close()
+        spool.close()
 
 
 async def _deliver_now(dispatcher: Dispatcher, lines: list[ReplayLine]) -> None:
-    """Run the dispatcher until every newly queued entry had its first attempt; what fails stays pending (a
-    running `serve` picks it up)."""
+    """Run the dispatcher until every newly queued entry had its first attempt; what fails temporarily waits in
+    deferred/, where a running `serve` retries it."""
     runner = asyncio.create_task(dispatcher.run())
     try:
         await asyncio.wait_for(dispatcher.flush(), 60)
@@ -235,9 +236,17 @@ async def _deliver_now(dispatcher: Dispatcher, lines: list[ReplayLine]) -> None:
         runner.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await runner
-    failed = {entry.id: entry.last_error for entry in dispatcher.waiting()}
     for line in lines:
-        if line.action == "queued":
-            line.action = "deferred" if line.detail in failed else "delivered"
-            if line.detail in failed:
-                line.detail += f" (stays pending: {failed[line.detail]})"
+        if line.action != "queued":
+            continue
+        entry = dispatcher.journal.find(line.detail)
+        if entry is None:
+            continue
+        if entry.state in (State.DELIVERED, State.FAILED):
+            line.action = entry.state.value
+            if entry.state is State.FAILED:
+                line.detail += f" ({entry.last_error})"
+        else:
+            line.action = "deferred"
+            waiting = "retried by serve" if entry.state is State.DEFERRED else "stays pending"
+            line.detail += f" ({waiting}: {entry.last_error or 'not attempted'})"

@@ -15,15 +15,16 @@ from lmtp_gateway.config import Config
 from lmtp_gateway.dispatch import Dispatcher
 from lmtp_gateway.ingress import LmtpServer
 from lmtp_gateway.intake import Intake
-from lmtp_gateway.journal import Journal, State
+from lmtp_gateway.journal import Journal
+from lmtp_gateway.journal.shards import shard_root
 from lmtp_gateway.metrics import Metrics
 from lmtp_gateway.ops import PROBE_CACHE_SECONDS, OpsServer, Readiness
 from lmtp_gateway.sinks import Sinks, build_sinks
+from lmtp_gateway.workers import Seat
 
 log = logging.getLogger(__name__)
 
 RETENTION_SWEEP_SECONDS = 3600.0
-RESCAN_SECONDS = 60.0  # pick up entries another process (replay, a collector) left pending
 FLUSH_SECONDS = 10.0
 
 
@@ -55,14 +56,20 @@ class Gateway:
         collect: bool = False,
         only_mailbox: str | None = None,
         probe_cache_seconds: float = PROBE_CACHE_SECONDS,
+        seat: Seat | None = None,
     ) -> None:
         self.config = config
-        self.journal = Journal(config.spool.path, sync=config.spool.sync)
+        self.seat = seat
+        spool = config.spool.path
+        root = shard_root(spool, seat.index) if seat else spool
+        self.journal = Journal(root, sync=config.spool.sync)
         self.sinks = sinks if sinks is not None else build_sinks(config)
         self.metrics = Metrics()
         self.dispatcher = Dispatcher(self.journal, self.sinks, backoff_base=backoff_base, metrics=self.metrics)
-        self.intake = Intake(config.routing, self.journal, self.dispatcher, self.metrics)
+        others = [Journal(shard_root(spool, i)) for i in range(seat.count) if i != seat.index] if seat else []
+        self.intake = Intake(config.routing, self.journal, self.dispatcher, self.metrics, siblings=others)
         self.metrics.watch_backlog(self.dispatcher.pending)
+        self.metrics.active.set_function(lambda: self.dispatcher.active)
         self.metrics.watch_quarantine(lambda: len(self.journal.quarantined()))
         for name, sink in self.sinks.by_mailbox.items():
             self.metrics.declare(name, sink.name)
@@ -131,12 +138,18 @@ class Gateway:
         try:
             # first: /livez answers during a long recovery, and a busy port fails fast
             key, spec = self._monitoring_listen
-            if spec:
+            if self.seat is not None:  # the supervisor's sockets: it serves /metrics for all the workers
+                await self.ops.listen("127.0.0.1:0", key=key, listener=self.seat.monitoring)
+            elif spec:
                 await self.ops.listen(spec, key=key)
             await self._open_journal()
-            for spec in self.config.lmtp.listen if self.listening else ():
+            listeners = self.seat.lmtp if self.seat else (None,) * len(self.config.lmtp.listen)
+            for spec, listener in zip(self.config.lmtp.listen if self.listening else (), listeners, strict=False):
                 await self.lmtp.listen(
-                    spec, socket_mode=self.config.lmtp.socket_mode, socket_group=self.config.lmtp.socket_group
+                    spec,
+                    socket_mode=self.config.lmtp.socket_mode,
+                    socket_group=self.config.lmtp.socket_group,
+                    listener=listener,
                 )
             self.started.set()
             if on_ready:
@@ -145,7 +158,6 @@ class Gateway:
                 async with asyncio.TaskGroup() as group:
                     group.create_task(self.dispatcher.run(), name="dispatcher")
                     group.create_task(self._sweep_retention(), name="retention")
-                    group.create_task(self._rescan_pending(), name="rescan")
                     running = [group.create_task(c.run(), name=f"collect-{c.mailbox}") for c in self.collectors]
                     group.create_task(self._stop_when_asked(running), name="shutdown")
             except* _Stopped:
@@ -160,11 +172,10 @@ class Gateway:
         log.info("stopped", extra={"event": "stopped"})
 
     async def _open_journal(self) -> None:
-        pending = await asyncio.to_thread(self.journal.open)
-        for entry in pending:
-            self.dispatcher.submit(entry)
-        if pending:
-            log.info("recovered %d pending entries from the journal", len(pending), extra={"event": "recovered"})
+        """Recovery; the dispatcher then reads what waits, a window at a time."""
+        waiting = await asyncio.to_thread(self.journal.open)
+        if waiting:
+            log.info("%d entries wait for delivery in the journal", waiting, extra={"event": "recovered"})
 
     async def _stop_when_asked(self, collectors: list[asyncio.Task[None]]) -> None:
         await self.stop_requested.wait()
@@ -209,14 +220,3 @@ class Gateway:
             if removed:
                 log.info("retention: removed %d finished entries", removed, extra={"event": "retention"})
             await asyncio.sleep(RETENTION_SWEEP_SECONDS)
-
-    async def _rescan_pending(self) -> None:
-        """Only names are listed, and only entries the dispatcher does not know are read: with Redis down for
-        hours, the pending entries run into the hundreds of thousands, and the dispatcher knows them all."""
-        while True:
-            await asyncio.sleep(RESCAN_SECONDS)
-            names = await asyncio.to_thread(self.journal.ids, State.PENDING)
-            # A commit under way has its files in pending/ before they are durable (and before its 250).
-            unknown = [i for i in names if not self.dispatcher.knows(i) and not self.journal.committing(i)]
-            for entry in await asyncio.to_thread(self.journal.load_all, State.PENDING, unknown):
-                self.dispatcher.submit(entry)

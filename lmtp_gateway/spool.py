@@ -1,18 +1,41 @@
-"""What an admin asks of a journal: which entries, how many in each state, and what was set aside.
+"""What an admin asks of a spool: which entries, how many in each state, and what was set aside.
 
-Used by ``lmtp-gateway spool`` and ``replay``, by ``check`` and by the metrics: every place an admin looks sees
-the same counts, damaged entries included.
+A spool is the journals under one ``spool.path``: one per worker (``journal.shards``), read together. Used by
+``lmtp-gateway spool`` and ``replay``, by ``check`` and by the metrics: every place an admin looks sees the same
+counts, in every shard, damaged entries included.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from lmtp_gateway.journal import Entry, Journal, State
+from lmtp_gateway.journal import WAITING, Entry, Journal, State
+from lmtp_gateway.journal.shards import shard_roots
+
+
+class Spool:
+    """Every journal under `root`, worker 0's first."""
+
+    def __init__(self, root: Path, *, sync: str = "fsync") -> None:
+        self.root = root
+        self.journals = [Journal(path, sync=sync) for path in shard_roots(root)]
+
+    def entries(self, *states: State) -> Iterator[Entry]:
+        for journal in self.journals:
+            yield from journal.entries(*states)
+
+    def journal_of(self, entry: Entry) -> Journal:
+        """The shard that holds `entry` (worker 0's when it is gone meanwhile)."""
+        return next((journal for journal in self.journals if journal.exists(entry)), self.journals[0])
+
+    def close(self) -> None:
+        for journal in self.journals:
+            journal.close()
 
 
 @dataclass(frozen=True)
@@ -37,9 +60,9 @@ class Selection:
         )
 
 
-def select(journal: Journal, selection: Selection) -> list[Entry]:
-    """The entries `selection` names, oldest first."""
-    found = [entry for entry in journal.entries(*selection.states) if selection.matches(entry)]
+def select(spool: Spool, selection: Selection) -> list[Entry]:
+    """The entries `selection` names, in every shard, oldest first."""
+    found = [entry for entry in spool.entries(*selection.states) if selection.matches(entry)]
     return sorted(found, key=lambda entry: entry.received_at)
 
 
@@ -50,38 +73,54 @@ class SetAside:
     id: str
     entry: Entry | None
     problem: str | None
+    journal: Journal
+
+    @property
+    def where(self) -> Path:
+        """The entry's files, without their .json / .eml."""
+        return self.journal.quarantine / self.id
 
 
-def set_aside(journal: Journal, ids: tuple[str, ...] = ()) -> list[SetAside]:
-    """The entries in quarantine/ (those whose id starts with one of `ids`, if given), each looked at afresh."""
-    chosen = [i for i in journal.quarantined() if not ids or any(i.startswith(prefix) for prefix in ids)]
-    return [SetAside(entry_id, *journal.diagnose(entry_id)) for entry_id in chosen]
+def set_aside(spool: Spool, ids: tuple[str, ...] = ()) -> list[SetAside]:
+    """The entries in every quarantine/ (those whose id starts with one of `ids`, if given), each looked at
+    afresh."""
+    return [
+        SetAside(entry_id, *journal.diagnose(entry_id), journal)
+        for journal in spool.journals
+        for entry_id in journal.quarantined()
+        if not ids or any(entry_id.startswith(prefix) for prefix in ids)
+    ]
 
 
 @dataclass
 class Stats:
-    journal: Path
+    spool: Path
+    shards: int = 1
     counts: dict[str, int] = field(default_factory=dict)  # per state, from the directory listings
     quarantined: int = 0
-    oldest_pending_seconds: float | None = None
+    oldest_pending_seconds: float | None = None  # of the entries waiting for delivery (pending or deferred)
 
     def as_dict(self) -> dict[str, object]:
         return {
-            "journal": str(self.journal),
+            "journal": str(self.spool),
+            "shards": self.shards,
             **self.counts,
             "quarantined": self.quarantined,
             "oldest_pending_seconds": self.oldest_pending_seconds,
         }
 
 
-def stats(journal: Journal, now: float | None = None) -> Stats:
-    """Entries per state (every name counts, whether its metadata reads or not), entries set aside, and the age
-    of the oldest pending one."""
-    found = Stats(journal.root, {state.value: len(journal.ids(state)) for state in State})
-    found.quarantined = len(journal.quarantined())
-    pending = [entry.received_at for entry in journal.entries(State.PENDING)]
-    if pending:
-        found.oldest_pending_seconds = round((now if now is not None else time.time()) - min(pending), 1)
+def stats(spool: Spool, now: float | None = None) -> Stats:
+    """Entries per state in all shards (every name counts, whether its metadata reads or not), entries set
+    aside, and the age of the oldest entry waiting for delivery."""
+    found = Stats(spool.root, len(spool.journals), {state.value: 0 for state in State})
+    for journal in spool.journals:
+        for state in State:
+            found.counts[state.value] += journal.count(state)
+        found.quarantined += len(journal.quarantined())
+    oldest = min((entry.received_at for entry in spool.entries(*WAITING)), default=None)
+    if oldest is not None:
+        found.oldest_pending_seconds = round((now if now is not None else time.time()) - oldest, 1)
     return found
 
 

@@ -72,7 +72,7 @@ def gateway_yaml(spool_path: Path, /, **sections: Any) -> dict[str, Any]:
         "gitlab": {"host": "gitlab.test"},
         "incoming_email": {"address": "incoming+%{key}@incoming.test", "delivery_method": "maildir"},
         "service_desk_email": {"address": "contact+%{key}@incoming.test", "delivery_method": "maildir"},
-        "lmtp": {"listen": "127.0.0.1:0"},
+        "lmtp": {"listen": "127.0.0.1:0", "workers": 1},  # tests of `serve --workers` ask for more
         "spool": {"path": str(spool_path)},
         "monitoring": {"listen": "off", "collect_listen": "off"},  # tests wanting /metrics ask for 127.0.0.1:0
     }
@@ -275,6 +275,17 @@ class GatewayProcess:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    def workers(self) -> list[int]:
+        """The pids of the supervisor's worker processes (none with one worker: it is the process itself)."""
+        assert self.process is not None
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError):
+                fields = stat.read_text().rpartition(")")[2].split()
+                if int(fields[1]) == self.process.pid:
+                    found.append(int(stat.parent.name))
+        return sorted(found)
 
     def peak_rss_mb(self) -> float:
         assert self.process is not None

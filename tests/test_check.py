@@ -257,7 +257,7 @@ def test_main_domain_rule() -> None:
 
 def test_help_shows_an_example() -> None:
     done = subprocess.run([*lmtp_gateway_command(), "check", "--help"], capture_output=True, text=True, check=True)
-    assert re.search(r"Example:\n +lmtp-gateway check --config /etc/lmtp-gateway/config.yml\n", done.stdout)
+    assert re.search(r"Example:\n +lmtp-gateway check --config /etc/lmtp-gateway/gateway.yml\n", done.stdout)
     assert "--nameserver HOST[:PORT]" in done.stdout and "--json" in done.stdout
 
 

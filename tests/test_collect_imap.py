@@ -219,7 +219,9 @@ async def test_sink_failing_keeps_each_message_unread_or_journaled_then_delivers
         dispatcher = running.gateway.dispatcher
         await eventually(lambda: dispatcher.stats.transient >= 20, what="failed deliveries")
         journal = running.gateway.journal
-        journaled = {_number(journal.read_message(e)) for e in journal.entries(State.PENDING, State.DELIVERED)}
+        journaled = {
+            _number(journal.read_message(e)) for e in journal.entries(State.PENDING, State.DEFERRED, State.DELIVERED)
+        }
         with Inspector(dovecot) as mailbox:
             unread = {int(subject.split()[1]) for subject in mailbox.unseen_subjects()}
         assert journaled | unread == set(range(20))  # each one unread on the server or safe in the journal

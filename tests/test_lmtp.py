@@ -245,12 +245,12 @@ async def test_recovery_delivers_what_was_pending(start_gateway: StartGateway, t
     await client.quit()
     await eventually(lambda: gateway.gateway.dispatcher.stats.transient >= 1, what="a failed attempt")
     await gateway.stop()
-    assert len(entries(tmp_path / "spool", State.PENDING)) == 1
+    assert len(entries(tmp_path / "spool", State.DEFERRED)) == 1  # waiting for its retry
     (tmp_path / "readonly" / "new").unlink()
     restarted = await start_gateway(config)
     await eventually(lambda: restarted.gateway.dispatcher.stats.delivered == 1, what="delivery after restart")
     assert len(entries(tmp_path / "spool", State.DELIVERED)) == 1
-    assert not entries(tmp_path / "spool", State.PENDING)
+    assert not entries(tmp_path / "spool", State.PENDING) and not entries(tmp_path / "spool", State.DEFERRED)
 
 
 async def test_full_disk_answers_452_and_acknowledges_nothing(start_gateway: StartGateway, small_disk: Path) -> None:

@@ -5,6 +5,7 @@ when the client says QUIT (or, after too much garbage, with aiosmtpd's goodbye),
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,12 +67,16 @@ def session(address: tuple[str, int], script: bytes, cuts: list[int]) -> list[by
     The client never half-closes first: aiosmtpd takes that for a client gone, and so would any mail server."""
     with socket.create_connection(address, timeout=60) as conn:
         position = 0
-        for cut in [*sorted(set(cuts)), len(script)]:
-            conn.sendall(script[position:cut])
-            position = max(position, cut)
+        try:
+            for cut in [*sorted(set(cuts)), len(script)]:
+                conn.sendall(script[position:cut])
+                position = max(position, cut)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server hung up first (too many bad commands): what it said before is still to be read
         received = b""
-        while chunk := conn.recv(65536):
-            received += chunk
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := conn.recv(65536):
+                received += chunk
     return received.split(b"\r\n")[:-1]
 
 

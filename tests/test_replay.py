@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from lmtp_gateway import service
+from lmtp_gateway import dispatch
 from lmtp_gateway.journal import Entry, Journal, State
 from tests.conftest import (
     REPLY_RCPT,
@@ -159,10 +159,10 @@ async def test_spool_and_replay_take_another_journal_with_spool(tmp_path: Path) 
 
 
 def rescans_of(journal: Journal, monkeypatch: pytest.MonkeyPatch) -> list[State]:
-    """Each listing of a state directory (what the running gateway's rescan does), recorded as it happens."""
+    """Each listing of pending/ by the running gateway's rescan, recorded as it happens."""
     listings: list[State] = []
-    list_ids = journal.ids
-    monkeypatch.setattr(journal, "ids", lambda state: listings.append(state) or list_ids(state))
+    first_ids = journal.first_ids
+    monkeypatch.setattr(journal, "first_ids", lambda state, *args: listings.append(state) or first_ids(state, *args))
     return listings
 
 
@@ -170,13 +170,14 @@ async def test_serve_takes_over_what_another_process_left_pending(
     start_gateway: StartGateway, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A replay that could not deliver leaves its entries pending; the running gateway finds them by listing
-    pending/, and reads each once: while it keeps retrying one (Redis is down here), later rescans skip it."""
-    monkeypatch.setattr(service, "RESCAN_SECONDS", 0.05)
+    pending/ and reads each once. When its attempt fails (Redis is down here), the entry waits in deferred/ until
+    its retry is due, out of memory, and later rescans of pending/ do not read it again."""
+    monkeypatch.setattr(dispatch, "RESCAN_SECONDS", 0.05)
     dead_redis = {
         "incoming_email": {"delivery_method": "sidekiq"},
         "redis": {"url": f"redis://127.0.0.1:{free_port()}"},
     }
-    running = await start_gateway(make_config(tmp_path / "spool", **dead_redis))
+    running = await start_gateway(make_config(tmp_path / "spool", **dead_redis), backoff_base=3600)
     journal = running.gateway.journal
     listings = rescans_of(journal, monkeypatch)
     read: list[str] = []
@@ -195,7 +196,10 @@ async def test_serve_takes_over_what_another_process_left_pending(
     rescans = len(listings)
     await eventually(lambda: len(listings) >= rescans + 3, what="three more rescans")
     assert read == [entry.id]
-    assert dispatcher.knows(entry.id) and journal.find(entry.id).state is State.PENDING
+    deferred = journal.find(entry.id)
+    assert deferred is not None and deferred.state is State.DEFERRED and deferred.attempts == 1
+    assert not dispatcher.knows(entry.id)  # out of memory until its retry is due
+    assert deferred.next_attempt_at is not None and deferred.next_attempt_at > time.time() + 60
 
 
 async def test_a_commit_under_way_is_not_delivered_before_its_250(
@@ -203,7 +207,7 @@ async def test_a_commit_under_way_is_not_delivered_before_its_250(
 ) -> None:
     """The rescan lists pending/ while a commit's files are there but not yet flushed (a slow disk here): it must
     leave them to the commit, or GitLab would get a message the gateway has not acknowledged and may yet lose."""
-    monkeypatch.setattr(service, "RESCAN_SECONDS", 0.02)
+    monkeypatch.setattr(dispatch, "RESCAN_SECONDS", 0.02)
     running = await start_gateway()
     flush = os.fdatasync
     flushing, disk_done = threading.Event(), threading.Event()

@@ -98,8 +98,8 @@ async def test_wrong_secret_keeps_the_mail(start_gateway: StartGateway, gitlab: 
     await client.send("a@example.org", [REPLY_RCPT], numbered_message(3))
     await client.quit()
     await eventually(lambda: gateway.gateway.dispatcher.stats.transient >= 2, what="retries on 401")
-    (pending,) = states(tmp_path, State.PENDING)
-    assert "401" in pending.read_text() and not gitlab.received
+    (deferred,) = states(tmp_path, State.DEFERRED)  # waiting for its next attempt
+    assert "401" in deferred.read_text() and not gitlab.received
 
 
 async def test_a_gitlab_slower_than_the_timeout_is_counted(

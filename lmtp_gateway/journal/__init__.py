@@ -6,6 +6,7 @@ A directory an admin can read with ordinary tools::
       tmp/                 being written; emptied at start-up (nothing there was ever acknowledged)
       pending/ID.eml       the message as received (hard links: one file for all the copies of one message)
       pending/ID.json      its metadata: envelope, verdict, the envelope headers GitLab gets first, checksum, attempts
+      deferred/            waiting for a retry: each .json's modification time is when the retry is due
       delivered/  dropped/  failed/
       quarantine/          entries found damaged, set aside until repaired (never delivered as they are)
 
@@ -25,13 +26,24 @@ message, checked by size; 2, the ``.eml`` holds the message alone, shared by its
 in ``prepend``, and ``sha256`` checks the ``.eml``. Both are read; new entries are written in format 2.
 """
 
-from lmtp_gateway.journal.entry import FINISHED, FORMAT, ID_LENGTH, Draft, Entry, State, envelope_headers, fingerprint
+from lmtp_gateway.journal.entry import (
+    FINISHED,
+    FORMAT,
+    ID_LENGTH,
+    WAITING,
+    Draft,
+    Entry,
+    State,
+    envelope_headers,
+    fingerprint,
+)
 from lmtp_gateway.journal.store import DamagedEntry, Journal
 
 __all__ = [
     "FINISHED",
     "FORMAT",
     "ID_LENGTH",
+    "WAITING",
     "DamagedEntry",
     "Draft",
     "Entry",

@@ -15,12 +15,14 @@ FORMAT = 2  # of an entry on disk; see FORMATS in the package's docstring
 
 class State(StrEnum):
     PENDING = "pending"
+    DEFERRED = "deferred"  # waiting for a retry; its .json's modification time is when the retry is due
     DELIVERED = "delivered"
     DROPPED = "dropped"
     FAILED = "failed"
 
 
 FINISHED = (State.DELIVERED, State.DROPPED, State.FAILED)
+WAITING = (State.PENDING, State.DEFERRED)  # not finished: the dispatcher's work
 
 
 def fingerprint(raw_digest: bytes, mailbox: str, who: str) -> str:

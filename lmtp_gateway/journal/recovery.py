@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lmtp_gateway.journal.entry import Entry, State
@@ -26,23 +28,31 @@ log = logging.getLogger(__name__)
 
 
 def repair(journal: Journal) -> None:
-    where: dict[str, State] = {}
+    """One pass per state directory, reading names as the listing goes: after a long outage pending/ may hold
+    hundreds of thousands of entries, and nothing here keeps a list of them."""
     for state in State:
-        for entry_id in journal.ids(state):
-            where[entry_id] = state
-    for state in State:
-        for eml in journal.state_dir(state).glob("*.eml"):
-            owner = where.get(eml.stem)
+        directory = journal.state_dir(state)
+        for eml in [p for p in _emls(directory) if not (directory / f"{p.stem}.json").exists()]:
+            owner = next((s for s in State if (journal.state_dir(s) / f"{eml.stem}.json").exists()), None)
             if owner is None:
                 log.warning("journal: removing %s: never committed (no metadata)", eml)
                 eml.unlink()
-            elif owner is not state:
+            else:
                 os.replace(eml, journal.state_dir(owner) / eml.name)
-    for entry_id, state in where.items():
-        if state is State.PENDING:  # only a commit cut short by a crash can be incomplete, and it is pending
-            problem = _check_size(journal, entry_id, state)
-            if problem is not None:
-                set_aside(journal, entry_id, state, problem)
+    # Only a commit cut short by a crash can be incomplete, and it is pending.
+    damaged = [(i, p) for i in journal.iter_ids(State.PENDING) if (p := _check_size(journal, i, State.PENDING))]
+    for entry_id, problem in damaged:
+        set_aside(journal, entry_id, State.PENDING, problem)
+
+
+def _emls(directory: Path) -> Iterator[Path]:
+    try:
+        with os.scandir(directory) as listing:
+            for item in listing:
+                if item.name.endswith(".eml"):
+                    yield Path(item.path)
+    except FileNotFoundError:
+        return
 
 
 def _check_size(journal: Journal, entry_id: str, state: State) -> str | None:
