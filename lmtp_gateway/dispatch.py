@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 ACTIVE_WINDOW = 5000  # entries in memory at most (Postfix's qmgr_message_active_limit is 20 000, for smaller ones)
 RESCAN_SECONDS = 60.0  # look at pending/ for entries another process (replay, a collector) left there
 MIN_DEFERRED_SCAN_SECONDS = 1.0  # between two scans of deferred/, however many retries fall due in between
+CANARY_SECONDS = 5.0  # while a mailbox fails, it is really tried this often (the earliest deferred entry goes)
+SUSPENDED = "delivery temporarily suspended"
+READ_INLINE = 32 * 1024  # a stored message this small is read on the event loop: cheaper than a thread round trip
 
 
 def backoff_delay(attempts: int, base: float, cap: float, jitter: float = 0.1) -> float:
@@ -82,7 +85,7 @@ class Dispatcher:
         clock: Callable[[], float] = time.time,
         max_bytes_in_flight: int = 16 * 1024 * 1024,
         metrics: Metrics | None = None,
-        window: int = ACTIVE_WINDOW,
+        window: int | None = None,
         refill: bool = True,
         rescan_seconds: float | None = None,
         min_deferred_scan: float = MIN_DEFERRED_SCAN_SECONDS,
@@ -95,7 +98,7 @@ class Dispatcher:
         self.clock = clock
         self.stats = DispatchStats()
         self.metrics = metrics or Metrics()
-        self.window = window
+        self.window = ACTIVE_WINDOW if window is None else window
         # The journal's owner reads entries back from disk; `replay` delivers only what it hands in itself.
         self.refill = refill
         self.rescan_seconds = RESCAN_SECONDS if rescan_seconds is None else rescan_seconds
@@ -109,6 +112,12 @@ class Dispatcher:
         self._next_due: float | None = 0.0  # when a deferred entry falls due; None: nothing deferred
         self._wake = asyncio.Event()
         self._filled = asyncio.Event()  # the first refill is done: what waited at start is in the window
+        # Mailboxes whose last attempt failed for the time being: when one was last really tried, and why it failed.
+        # While failing, a mailbox gets one real attempt per CANARY_SECONDS; its other entries are deferred
+        # untried ("delivery temporarily suspended", as Postfix says of a dead destination): no connection
+        # attempt and no read for each of a hundred thousand entries while Redis is down.
+        self._failing: dict[str, tuple[float, str]] = {}
+        self._retry_all = False  # one of them answered again: every deferred entry is due
 
     # --- feeding ---
 
@@ -164,17 +173,32 @@ class Dispatcher:
         take when they came (or that another process left), oldest retries first."""
         last_rescan = -math.inf
         last_deferred_scan = -math.inf
+        last_canary = time.monotonic()
         while True:
             self._wake.clear()
             now, monotonic = self.clock(), time.monotonic()
+            if self._failing and self._room() and monotonic - last_canary >= CANARY_SECONDS:
+                # One attempt tells whether a sink is back: on success, everything deferred goes (below).
+                last_canary = monotonic
+                first, _ = await asyncio.to_thread(self.journal.due, math.inf, 1)
+                self._admit(await asyncio.to_thread(self.journal.load_all, State.DEFERRED, first))
+            if self._retry_all and self._worth_refilling():
+                # A sink answers again after failing: what waits for it goes now, not at its backoff's end.
+                due, more = await asyncio.to_thread(
+                    self.journal.first_ids, State.DEFERRED, self._room(), self._in_hand  # names only: no times
+                )
+                if not more:
+                    self._retry_all, self._next_due = False, 0.0  # all taken: back to due times
+                self._admit(await asyncio.to_thread(self.journal.load_all, State.DEFERRED, due))
             deferred_due = self._next_due is not None and self._next_due <= now
-            if deferred_due and self._room() and monotonic - last_deferred_scan >= self._deferred_gap:
+            if deferred_due and self._worth_refilling() and monotonic - last_deferred_scan >= self._deferred_gap:
                 last_deferred_scan = monotonic
                 due, self._next_due = await asyncio.to_thread(self.journal.due, now, self._room())
                 # A long deferred queue is scanned less often: never more than a tenth of the time.
                 self._deferred_gap = max(self.min_deferred_scan, 10 * (time.monotonic() - monotonic))
                 self._admit(await asyncio.to_thread(self.journal.load_all, State.DEFERRED, due))
-            if self._room() and (self._spilled or monotonic - last_rescan >= self.rescan_seconds):
+            rescan_due = monotonic - last_rescan >= self.rescan_seconds
+            if (self._spilled and self._worth_refilling()) or (rescan_due and self._room()):
                 last_rescan, self._spilled = monotonic, False  # a submit during the scan spills again
                 unknown, more = await asyncio.to_thread(
                     # A commit under way has its files in pending/ before they are durable (and before its 250).
@@ -183,15 +207,17 @@ class Dispatcher:
                 self._spilled = self._spilled or more
                 self._admit(await asyncio.to_thread(self.journal.load_all, State.PENDING, unknown))
             self._filled.set()
-            await self._sleep(last_rescan, last_deferred_scan)
+            await self._sleep(last_rescan, last_deferred_scan, last_canary)
 
-    async def _sleep(self, last_rescan: float, last_deferred_scan: float) -> None:
-        """Until room frees up for entries that wait, a retry falls due, or the next rescan."""
+    async def _sleep(self, last_rescan: float, last_deferred_scan: float, last_canary: float) -> None:
+        """Until room frees up for entries that wait, a retry falls due, the next canary or the next rescan."""
         now, monotonic = self.clock(), time.monotonic()
         wake_at = [last_rescan + self.rescan_seconds - monotonic]
+        if self._failing:
+            wake_at.append(last_canary + CANARY_SECONDS - monotonic)
         if self._next_due is not None:
             wake_at.append(max(self._next_due - now, last_deferred_scan + self._deferred_gap - monotonic))
-        if self._spilled and self._room():
+        if (self._spilled or self._retry_all) and self._worth_refilling():
             wake_at.append(0.0)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), max(0.0, min(wake_at)))
@@ -203,11 +229,25 @@ class Dispatcher:
     def _room(self) -> int:
         return max(0, self.window - len(self._known))
 
+    def _worth_refilling(self) -> bool:
+        """Room for a tenth of the window: each refill lists a directory that may hold hundreds of thousands of
+        names, so it is done for many entries at once, never for each one that leaves."""
+        return self._room() >= max(1, self.window // 10)
+
     def _admit(self, entries: list[Entry]) -> None:
+        """Into the window, as far as it has room now (new mail may have taken some since the scan): what does not
+        fit stays on disk, and the next scan finds it."""
         for entry in entries:
-            if entry.id not in self._known:
-                self._known[entry.id] = entry.received_at
-                self._ready.put_nowait((entry, None))
+            if entry.id in self._known:
+                continue
+            if not self._room():
+                if entry.state is State.PENDING:
+                    self._spilled = True
+                else:
+                    self._next_due = min(self._next_due or 0.0, entry.next_attempt_at or 0.0)
+                continue
+            self._known[entry.id] = entry.received_at
+            self._ready.put_nowait((entry, None))
 
     def _deferred_until(self, due: float) -> None:
         if self._next_due is None or due < self._next_due:
@@ -218,6 +258,10 @@ class Dispatcher:
         while True:
             entry, raw = await self._ready.get()
             try:
+                suspended = self._suspended(entry)
+                if suspended is not None:
+                    await self._record(entry, Transient(suspended))
+                    continue
                 async with self._budget.hold(entry.stored_size or entry.size):
                     if raw is None:
                         raw = await self._read(entry)
@@ -232,10 +276,23 @@ class Dispatcher:
                 asyncio.get_running_loop().call_later(self.backoff_cap, self._ready.put_nowait, (entry, None))
             finally:
                 self._ready.task_done()
+    def _suspended(self, entry: Entry) -> str | None:
+        """Why `entry` is not tried now (its mailbox failed a moment ago), or None: go ahead."""
+        if entry.mailbox not in self._failing:
+            return None
+        tried, reason = self._failing[entry.mailbox]
+        now = time.monotonic()
+        if now - tried >= CANARY_SECONDS:
+            self._failing[entry.mailbox] = (now, reason)  # this one is the real attempt
+            return None
+        return reason if reason.startswith(SUSPENDED) else f"{SUSPENDED}: {reason}"
+
     async def _read(self, entry: Entry) -> bytes | None:
         """The stored message, checked whole; None when there is nothing to deliver. A damaged entry is set aside
         (quarantine/) rather than delivered as it is or retried for ever."""
         try:
+            if (entry.stored_size or entry.size) <= READ_INLINE:
+                return self.journal.read_message(entry)
             return await asyncio.to_thread(self.journal.read_message, entry)
         except FileNotFoundError:
             if not self.journal.exists(entry):
@@ -271,6 +328,7 @@ class Dispatcher:
                 entry.next_attempt_at = None
                 await self.journal.move(entry, State.DELIVERED)
                 self.stats.delivered += 1
+                # The one line a delivered message gets: what it is, where it went, how long it took.
                 log.info(
                     "delivered",
                     extra={
@@ -278,7 +336,12 @@ class Dispatcher:
                         "journal_id": entry.id,
                         "mailbox": entry.mailbox,
                         "key": entry.key,
+                        "handler": entry.handler,
+                        "source": entry.source,
+                        "ingress": entry.ingress,
                         "rcpt": entry.rcpt,
+                        "mail_from": entry.mail_from,
+                        "note": entry.note,
                         "sink": entry.sink,
                         "detail": detail,
                         "latency_ms": round((self.clock() - entry.received_at) * 1000, 1),
@@ -286,6 +349,14 @@ class Dispatcher:
                     },
                 )
                 self._done(entry)
+                if entry.mailbox in self._failing:
+                    del self._failing[entry.mailbox]
+                    self._retry_all = True
+                    self._wake.set()
+                    log.info(
+                        "%s delivers again: deferred entries are retried now", entry.sink,
+                        extra={"event": "recovered", "mailbox": entry.mailbox, "sink": entry.sink},
+                    )  # fmt: skip
             case Permanent(reason):
                 entry.last_error = reason
                 entry.next_attempt_at = None
@@ -298,6 +369,9 @@ class Dispatcher:
                 self._done(entry)
             case Transient(reason, _):
                 delay = backoff_delay(entry.attempts, self.backoff_base, self.backoff_cap)
+                if reason.startswith(SUSPENDED):
+                    # Untried: the canary and the recovery that follows it bring it back, not its own time.
+                    delay = backoff_delay(1, self.backoff_cap, self.backoff_cap)
                 entry.last_error = reason
                 await self.journal.defer(entry, self.clock() + delay)
                 self.stats.transient += 1
@@ -309,8 +383,13 @@ class Dispatcher:
                 )
                 self._done(entry)
                 self._deferred_until(self.clock() + delay)
+                if entry.mailbox is not None:
+                    tried = self._failing.get(entry.mailbox, (time.monotonic(), ""))[0]
+                    self._failing[entry.mailbox] = (tried, reason)
+                self._retry_all = False  # something fails again: back to each entry's own time
 
     def _done(self, entry: Entry) -> None:
         self._known.pop(entry.id, None)
-        if self._spilled or (self._next_due is not None and self._next_due <= self.clock()):
+        waiting = self._spilled or self._retry_all or (self._next_due is not None and self._next_due <= self.clock())
+        if waiting and self._worth_refilling():
             self._wake.set()  # room for what waits on disk

@@ -230,7 +230,10 @@ class Intake:
         entry = draft.entry
         delivering = entry.state is State.PENDING
         self.metrics.committed(entry.mailbox, entry.drop)
-        log.info(
+        # A copy to deliver gets its one info line when delivered (or a warning when it must wait); the commit
+        # is a debug line. A dropped copy's line is this one.
+        log.log(
+            logging.DEBUG if delivering else logging.INFO,
             "accepted" if delivering else "dropped",
             extra={
                 "event": "accepted" if delivering else "dropped",

@@ -107,8 +107,11 @@ def tmp_leftovers(spool: Path) -> list[Path]:
     return list((spool / "tmp").iterdir())
 
 
-async def eventually(condition: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
-    """Poll a condition that has no event to await (files appearing, another process's state)."""
+async def eventually(
+    condition: Callable[[], Any], timeout: float = 30.0, what: str = "condition", interval: float = 0.02
+) -> Any:
+    """Poll a condition that has no event to await (files appearing, another process's state); a costly one
+    (a directory of 200 000 names) with a longer `interval`."""
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
@@ -116,7 +119,7 @@ async def eventually(condition: Callable[[], Any], timeout: float = 30.0, what: 
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(interval)
 
 
 def finishes_within(seconds: float, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -106,7 +106,7 @@ async def test_lmtp_journal_log_and_metrics_agree(
     start_gateway: StartGateway, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Each copy over LMTP: the reply, the journal entry, its log line and the counters say what explain says."""
-    caplog.set_level(logging.INFO, logger="lmtp_gateway.intake")
+    caplog.set_level(logging.DEBUG, logger="lmtp_gateway.intake")  # a copy to deliver: its commit's debug line
     by_config: dict[str, list[dict[str, Any]]] = {}
     for case in LMTP_CASES:
         by_config.setdefault(json.dumps(case["sections"], sort_keys=True), []).append(case)
@@ -132,7 +132,11 @@ async def test_lmtp_journal_log_and_metrics_agree(
             assert recorded == {"mailbox": expected.mailbox, "key": expected.key, "handler": expected.handler,
                                 "source": expected.source, "drop": expected.drop, "note": expected.note}  # fmt: skip
             assert committed.state in (state, State.DELIVERED)
-            (line,) = [r for r in caplog.records if r.__dict__.get("journal_id") == entry_id]
+            (line,) = [
+                r
+                for r in caplog.records
+                if r.name == "lmtp_gateway.intake" and r.__dict__.get("journal_id") == entry_id
+            ]
             assert (line.__dict__["verdict"], line.__dict__["key"]) == (expected.verdict, expected.key)
             assert line.__dict__.get("note") == expected.note
         await client.quit()

@@ -152,9 +152,11 @@ class Journal:
         metadata = [(self._json_path(d.entry), d.entry.to_json()) for d in drafts]
         directories = {self.state_dir(d.entry.state) for d in drafts}
         writeback = start_writeback if self.sync == "fsync" else None
+        # The owner's own readers skip what it is committing (`committing`); another process's cannot know.
+        owned = self.owned
 
         def work() -> Flushable:
-            flushable = Flushable(directories=directories)
+            flushable = Flushable(directories=directories | ({self.tmp} if not owned else set()))
 
             def opened(descriptor: int) -> int:
                 flushable.files.append(descriptor)
@@ -172,7 +174,10 @@ class Journal:
                     for name in others:
                         _link(first, name)
                 for path, data in metadata:
-                    write_all(descriptor := opened(_create(path)), data)
+                    if owned:
+                        write_all(descriptor := opened(_create(path)), data)
+                    else:  # the owner's dispatcher may list pending/ now: it must never read half a .json
+                        descriptor = opened(self._write_atomically(path, data))
                     if writeback is not None:
                         writeback(descriptor)
             except BaseException:
@@ -203,12 +208,19 @@ class Journal:
         return self._committing[entry_id] > 0
 
     def _replace_metadata(self, entry: Entry, data: bytes) -> int:
-        """Atomically (tmp + rename), so readers never see half a .json; returns the open new file."""
-        tmp = self.tmp / f"{entry.id}.{uuid.uuid4().hex[:8]}.json"
+        """Atomically (tmp + rename), so readers never see half a .json; returns the open new file. A deferred
+        entry keeps its retry time (the file's modification time)."""
+        descriptor = self._write_atomically(self._json_path(entry), data)
+        if entry.state is State.DEFERRED and entry.next_attempt_at is not None:
+            os.utime(descriptor, (entry.next_attempt_at, entry.next_attempt_at))
+        return descriptor
+
+    def _write_atomically(self, path: Path, data: bytes) -> int:
+        tmp = self.tmp / f"{path.stem}.{uuid.uuid4().hex[:8]}.json"
         descriptor = os.open(tmp, _CREATE, 0o640)
         try:
             write_all(descriptor, data)
-            os.replace(tmp, self._json_path(entry))
+            os.replace(tmp, path)
         except BaseException:
             os.close(descriptor)
             with contextlib.suppress(OSError):

@@ -151,11 +151,15 @@ class IOThread:
                     _finish(job, flushable, error)
         if watch is not None:
             os.close(watch)
+        done: list[tuple[_Job, BaseException | None]] = []
         for job in (job for job in batch if not (job.durable and flushed)):
             try:
-                _finish(job, job.work(), None)
+                _close(job.work())
+                done.append((job, None))
             except Exception as error:
-                _finish(job, None, error)
+                _undo(job, error)
+                done.append((job, error))
+        _wake(done)  # one wake-up of the event loop for the whole round, not one per state change
 
     def _flush(self, written: list[tuple[_Job, Flushable]], watch: int | None) -> None:
         """Every file and directory of the round at once (the block layer merges the disk flushes of calls that
@@ -206,25 +210,45 @@ class _RoundFlush:
             with contextlib.suppress(OSError):
                 os.close(self.watch)
         for job, flushable in self.written:
-            _finish(job, flushable, self.error)
+            _close(flushable)
+            _undo(job, self.error)
+        _wake([(job, self.error) for job, _ in self.written])
 
 
 def _finish(job: _Job, flushable: Flushable | None, error: BaseException | None) -> None:
     """Close the job's files, undo its work if it failed, and wake its caller."""
+    _close(flushable)
+    _undo(job, error)
+    _wake([(job, error)])
+
+
+def _close(flushable: Flushable | None) -> None:
     for descriptor in flushable.files if flushable is not None else ():
         with contextlib.suppress(OSError):
             os.close(descriptor)
+
+
+def _undo(job: _Job, error: BaseException | None) -> None:
     if error is not None and job.undo is not None:
         with contextlib.suppress(OSError):
             job.undo()
-    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
-        job.loop.call_soon_threadsafe(_settle, job.future, error)
 
 
-def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
-    if future.done():  # the caller gave up waiting (cancelled)
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)
+def _wake(done: list[tuple[_Job, BaseException | None]]) -> None:
+    """Settle the jobs' futures, one call into each event loop waiting for them."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[None], BaseException | None]]] = {}
+    for job, error in done:
+        by_loop.setdefault(job.loop, []).append((job.future, error))
+    for loop, settled in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
+            loop.call_soon_threadsafe(_settle, settled)
+
+
+def _settle(settled: list[tuple[asyncio.Future[None], BaseException | None]]) -> None:
+    for future, error in settled:
+        if future.done():  # the caller gave up waiting (cancelled)
+            continue
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
