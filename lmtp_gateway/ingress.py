@@ -119,7 +119,7 @@ _DROPPED_REPLIES = {
 
 
 def data_reply(acceptance: Acceptance, rcpt: str) -> str:
-    """The per-recipient reply after DATA (the table in the README)."""
+    """The per-recipient reply after DATA (the table in docs/operations.md)."""
     verdict, entry = acceptance.verdict, acceptance.entry
     if verdict.verdict == "reject":
         return f"550 5.1.1 <{rcpt}> {verdict.reason}"

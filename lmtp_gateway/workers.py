@@ -132,15 +132,7 @@ class Supervisor:
     stopping: bool = False
 
     def __post_init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        Gauge(f"{PREFIX}_workers", "Worker processes configured (serve --workers).", registry=self.registry).set(
-            self.count
-        )
-        running = Gauge(f"{PREFIX}_workers_running", "Worker processes running now.", registry=self.registry)
-        running.set_function(lambda: sum(w.running for w in self.workers))
-        self.restarts = Counter(
-            f"{PREFIX}_worker_restarts", "Worker processes restarted after they died.", registry=self.registry
-        )
+        self.registry, self.restarts = supervisor_metrics(self.count, lambda: sum(w.running for w in self.workers))
         self.ops = OpsServer(self, self.problems, warnings=lambda: self._warnings)  # type: ignore[arg-type]
         self._warnings: list[str] = []
         self._stop = asyncio.Event()
@@ -305,6 +297,15 @@ class Supervisor:
             return await asyncio.to_thread(_get, worker.port, "/readyz")
         except OSError as error:
             return 503, f"no answer on its monitoring port: {error}"
+
+
+def supervisor_metrics(count: int, running: Callable[[], int]) -> tuple[CollectorRegistry, Counter]:
+    """The supervisor's own series, beside its workers' (returned: the registry, and the restart counter)."""
+    registry = CollectorRegistry(auto_describe=True)
+    Gauge(f"{PREFIX}_workers", "Worker processes configured (lmtp.workers).", registry=registry).set(count)
+    Gauge(f"{PREFIX}_workers_running", "Worker processes running now.", registry=registry).set_function(running)
+    restarts = Counter(f"{PREFIX}_worker_restarts", "Worker processes restarted after they died.", registry=registry)
+    return registry, restarts
 
 
 def merge_metrics(texts: Iterable[str]) -> bytes:

@@ -27,8 +27,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client import generate_latest
 
 from lmtp_gateway.metrics import Metrics
+from lmtp_gateway.workers import supervisor_metrics
 from tests.conftest import REPO, lmtp_gateway_command
 from tests.servers import require_binary, wait_until
 
@@ -182,7 +184,9 @@ def test_documented_shell_completion_works(env: dict[str, str]) -> None:
 
 def test_documented_metrics_exist() -> None:
     """Every lmtp_gateway_* name the documentation mentions is one /metrics serves."""
-    served = {line.split()[2] for line in Metrics().render().decode().splitlines() if line.startswith("# TYPE ")}
+    supervisor, _ = supervisor_metrics(2, lambda: 2)  # `serve` with several workers adds these
+    texts = (Metrics().render(), generate_latest(supervisor))
+    served = {line.split()[2] for text in texts for line in text.decode().splitlines() if line.startswith("# TYPE ")}
     served |= {f"{metric}{suffix}" for metric in served for suffix in ("_bucket", "_count", "_sum")}
     for path in DOCS:
         for metric in set(re.findall(r"\blmtp_gateway_[a-z_]+[a-z]", path.read_text())):
