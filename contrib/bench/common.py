@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +155,194 @@ def summarize(lines: list[str], limit: int = 5, key: Callable[[str], str] = lamb
     if len(distinct) > limit:
         shown.append(f"... and {len(distinct) - limit} more distinct lines")
     return shown
+
+
+# The journal's states (``deferred/`` since 2a97207); an entry is one ``<id>.json`` (+ ``<id>.eml``) in one of them.
+JOURNAL_STATES = ("pending", "deferred", "delivered", "dropped", "failed")
+
+
+def journal_shards(spool: Path) -> list[Path]:
+    """Every journal shard under ``spool``: the spool itself (worker 0, and a single process), then
+    ``shard-1``, ``shard-2`` ... (worker k of ``serve --workers N``), in worker order. Read from the directory,
+    not from the gateway's code, so it also reads the journal of a gateway from before shards."""
+    numbered = []
+    with contextlib.suppress(FileNotFoundError):
+        for path in spool.iterdir():
+            name = path.name
+            if name.startswith("shard-") and name[6:].isdigit() and name[6] != "0" and path.is_dir():
+                numbered.append((int(name[6:]), path))
+    return [spool, *(path for _, path in sorted(numbered))]
+
+
+@dataclass
+class JournalContents:
+    """What a gateway's journal holds, over all its shards."""
+
+    counts: dict[str, int]  # entries per state (JOURNAL_STATES), plus quarantine/ (entries set aside)
+    per_shard: dict[str, dict[str, int]]  # the same per shard ("spool", "shard-1" ...): how the load was spread
+    entries: int  # .json files in every state of every shard
+    distinct_ids: int  # an id in two states or two shards would be one message journalled twice
+    tmp_files: int  # left in the shards' tmp/ (nothing should be, after a clean stop)
+    handoff: list[float] = field(default_factory=list)  # finished_at - received_at of delivered entries, seconds
+    finished_at: list[float] = field(default_factory=list)  # wall-clock times the delivered entries finished
+
+
+def read_journal(spool: Path) -> JournalContents:
+    """Count every entry of every shard and state, and read the delivered ones' times.
+
+    Hand-off (``finished_at - received_at``): ``received_at`` is taken once DATA is complete, before the journal
+    commit; ``finished_at`` when the entry moved to ``delivered/``, after the sink (Redis) confirmed the job. So it
+    covers the commit and its flush, the dispatcher's queue and the push: how long a message waits between
+    Postfix handing it over and GitLab being able to see it.
+    """
+    counts = dict.fromkeys((*JOURNAL_STATES, "quarantine"), 0)
+    per_shard: dict[str, dict[str, int]] = {}
+    ids: set[str] = set()
+    entries = tmp_files = 0
+    handoff: list[float] = []
+    finished: list[float] = []
+    for root in journal_shards(spool):
+        shard = "spool" if root == spool else root.name
+        here = per_shard.setdefault(shard, {})
+        for state in JOURNAL_STATES:
+            files = list((root / state).glob("*.json"))
+            here[state] = len(files)
+            counts[state] += len(files)
+            entries += len(files)
+            ids.update(path.stem for path in files)
+            if state != "delivered":
+                continue
+            for path in files:
+                try:
+                    meta = json.loads(path.read_bytes())
+                except (OSError, ValueError):
+                    continue  # counted; its missing latency shows as fewer samples than entries
+                if meta.get("finished_at") is not None and meta.get("received_at") is not None:
+                    handoff.append(meta["finished_at"] - meta["received_at"])
+                    finished.append(meta["finished_at"])
+        quarantined = {p.name.rpartition(".")[0] for p in (root / "quarantine").glob("*") if p.is_file()}
+        here["quarantine"] = len(quarantined)
+        counts["quarantine"] += len(quarantined)
+        tmp_files += sum(1 for p in (root / "tmp").glob("*") if p.is_file())
+    return JournalContents(counts, per_shard, entries, len(ids), tmp_files, handoff, finished)
+
+
+# --- processes ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProcStat:
+    """One process's CPU so far (clock ticks, all its threads), from ``/proc/PID/stat``."""
+
+    pid: int
+    ppid: int
+    start: int  # field 22, start time: with the pid, who the process is (pids are recycled)
+    own: int  # utime + stime (fields 14, 15)
+    reaped: int  # cutime + cstime (fields 16, 17): its children that exited and were waited for
+    name: str
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.pid, self.start)
+
+
+def proc_stat(pid: int, tid: int | None = None) -> ProcStat | None:
+    """``/proc/PID/stat`` (or one thread's, ``/proc/PID/task/TID/stat``), None once the process is gone."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    try:
+        with open(path, "rb") as stat:
+            head, tail = stat.read().decode(errors="replace").rsplit(")", 1)
+        fields = tail.split()  # fields[0] is field 3 (state)
+        own, reaped = int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14])
+        return ProcStat(pid, int(fields[1]), int(fields[19]), own, reaped, head.split("(", 1)[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def all_processes() -> dict[int, ProcStat]:
+    """Every process on the machine (a couple of milliseconds for a hundred processes)."""
+    found: dict[int, ProcStat] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit() and (stat := proc_stat(int(entry.name))) is not None:
+            found[stat.pid] = stat
+    return found
+
+
+def process_tree(root: int, processes: dict[int, ProcStat] | None = None) -> dict[tuple[int, int], ProcStat]:
+    """``root`` and all its descendants (by ppid), keyed by (pid, start time); empty if ``root`` is gone."""
+    processes = all_processes() if processes is None else processes
+    if root not in processes:
+        return {}
+    children: dict[int, list[ProcStat]] = {}
+    for stat in processes.values():
+        children.setdefault(stat.ppid, []).append(stat)
+    tree: dict[tuple[int, int], ProcStat] = {}
+    todo = [processes[root]]
+    while todo:
+        stat = todo.pop()
+        tree[stat.key] = stat
+        todo.extend(child for child in children.get(stat.pid, []) if child.key not in tree)
+    return tree
+
+
+def tree_cpu_ticks(before: dict[tuple[int, int], ProcStat], after: dict[tuple[int, int], ProcStat]) -> int:
+    """CPU ticks a process tree used between two snapshots (``process_tree``), its exited members included.
+
+    A process that exits is reaped by its parent, whose cutime/cstime then hold its whole life (its own
+    reaped children's too). So: every member's own and reaped time now, less what it had at the first
+    snapshot; and for a member that was there at the first snapshot and is gone now, what it had then is in
+    its parent's reaped time again, once too many, so it is taken off. (A member reparented to init when its
+    parent died is lost; the gateway's workers and Dovecot's helpers die with their parent.)
+    """
+    ticks = 0
+    for key, stat in after.items():
+        old = before.get(key)
+        ticks += stat.own + stat.reaped - ((old.own + old.reaped) if old else 0)
+    for key, old in before.items():
+        if key not in after:
+            ticks -= old.own + old.reaped
+    return ticks
+
+
+def tree_ticks_now(root: int) -> int | None:
+    """Own and reaped ticks of ``root``'s tree as it is now: grows while the tree works (for ``settle``)."""
+    tree = process_tree(root)
+    return sum(stat.own + stat.reaped for stat in tree.values()) if tree else None
+
+
+def settle(roots: list[int], interval: float = 0.1, quiet: int = 1, limit: float = 10.0) -> float:
+    """Wait until the trees of ``roots`` have gone quiet (two intervals in a row with at most ``quiet``
+    ticks each, i.e. below ~10% of a core at 100 Hz), so what they still do for the messages (a journal
+    entry's move to ``delivered/``, a log line) is counted; returns the seconds waited, ``limit`` at most."""
+    started = time.perf_counter()
+    last = [tree_ticks_now(root) for root in roots]
+    calm = 0
+    while calm < 2 and time.perf_counter() - started < limit:
+        time.sleep(interval)
+        now = [tree_ticks_now(root) for root in roots]
+        busy = any(a is not None and b is not None and b - a > quiet for a, b in zip(last, now, strict=True))
+        calm = 0 if busy else calm + 1
+        last = now
+    return time.perf_counter() - started
+
+
+def proc_status_mb(pid: int, key: str) -> float | None:
+    """A memory figure (``VmHWM``: peak resident set, ``VmRSS``: current) from ``/proc/PID/status``, in MB."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def cmdline(pid: int) -> list[str]:
+    """A process's argv, empty once it is gone."""
+    try:
+        return [arg.decode(errors="replace") for arg in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]]
+    except OSError:
+        return []
 
 
 # --- the machine -------------------------------------------------------------------------------------------

@@ -4,32 +4,43 @@ Both servers get the same load from Postfix's ``smtp-source`` (LMTP, connection 
 bytes over S parallel sessions), so the gateway's numbers can be read against a well-known, native LMTP
 server on the same machine: Dovecot is the anchor, the ratio is what matters.
 
+The gateway runs ``serve`` with ``lmtp.workers: N`` (``--workers``, default 2): a supervisor and N worker
+processes sharing the listener, each with its journal shard. Its rate is taken when the last job is in Redis
+(``LLEN queue:default`` = messages, polled from the start of ``smtp-source``): that is when GitLab can see all
+the mail. Dovecot's is taken when ``smtp-source`` is done: its delivery is complete when it answers. The CPU
+each side used is read from /proc for the whole process tree (the gateway's supervisor and workers, Dovecot's
+master and all its helpers, exited ones included), and Redis's separately.
+
 Every run starts from a clean slate (a fresh gateway with an empty journal and an empty Redis, a fresh
 Dovecot with an empty Maildir) and is checked afterwards: one Sidekiq job per message in ``queue:default``
-(each an ``EmailReceiverWorker`` with its own jid) and one journal entry per message, or one Maildir file per
-message for Dovecot. A throughput figure for mail that did not arrive would be worthless.
+(each an ``EmailReceiverWorker`` with its own jid) and one journal entry per message over all the shards, all
+delivered, or one Maildir file per message for Dovecot. A throughput figure for mail that did not arrive would
+be worthless.
 
 Run from the repository root::
 
-    .venv/bin/python contrib/bench/lmtp_bench.py [--messages 5000] [--sessions 1,16] [--size 10240]
+    .venv/bin/python contrib/bench/lmtp_bench.py [--messages 5000] [--sessions 1,16] [--workers 2]
 
 Each configuration runs ``--repeat`` times (default 3, alternating which server goes first) and the median is
 reported. The gateway code is snapshotted at the start (``--ref COMMIT`` takes it from git instead), so edits
-made while the benchmark runs do not leak into it. ``--profile DIR`` runs the gateway under cProfile (slower:
-use it to find hotspots, not for the numbers; it sees the event-loop thread only).
+made while the benchmark runs do not leak into it. ``--profile DIR`` runs every gateway process (supervisor and
+workers) under cProfile (slower: use it to find hotspots, not for the numbers; it sees each process's main
+thread, the event loop, only).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +51,9 @@ from common import (
     QUEUE_KEY,
     REPO,
     WORKER,
+    ProcStat,
+    all_processes,
+    cmdline,
     code_digest,
     cpu_times,
     file_create_us,
@@ -52,9 +66,15 @@ from common import (
     machine,
     median,
     percentiles_ms,
+    proc_stat,
+    proc_status_mb,
+    process_tree,
     queued_jobs,
+    read_journal,
+    settle,
     snapshot_code,
     summarize,
+    tree_cpu_ticks,
 )
 from scratch import CHOICES, measure_on_scratch
 from scratch import HELP as SCRATCH_HELP
@@ -66,6 +86,10 @@ from tests.servers.redis import RedisServer
 DOVECOT_RCPT = "gitlab@localhost"
 SENDER = "bench@localhost"
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results-lmtp.json"
+QUEUE_POLL_S = 0.01  # LLEN over one kept-open connection: ~100 cheap commands a second, the rate's resolution
+QUEUE_STALL_S = 10.0  # after smtp-source ended, give up on the queue when it has not grown for this long
+QUEUE_DRAIN_LIMIT_S = 120.0  # ... and in any case this long after smtp-source ended
+TICK = os.sysconf("SC_CLK_TCK")
 
 GATEWAY_CONFIG = """\
 gitlab:
@@ -76,24 +100,49 @@ incoming_email:
 lmtp:
   listen: "127.0.0.1:{port}"
   max_message_size: 25M
+  {workers_line}
 spool:
   path: {spool}
   {sync_line}
 redis:
   url: {redis_url}
+{monitoring}"""
+
+# Put first on a gateway's PYTHONPATH with --profile: every Python process of the gateway (the supervisor and
+# each worker it spawns with `python -m lmtp_gateway`) profiles its main thread and writes PREFIX-PID.prof at exit.
+PROFILE_HOOK = """\
+import atexit
+import cProfile
+import os
+
+_prefix = os.environ.get("LMTP_BENCH_PROFILE")
+if _prefix:
+    _profile = cProfile.Profile()
+
+    def _dump():
+        _profile.disable()
+        _profile.dump_stats(f"{_prefix}-{os.getpid()}.prof")
+
+    atexit.register(_dump)
+    _profile.enable()
 """
+
+
+def gateway_schema() -> dict[str, Any]:
+    """The configuration schema of the code being measured (the snapshot, first on sys.path)."""
+    from lmtp_gateway.config import SCHEMA
+
+    return SCHEMA
 
 
 def spool_sync_line(method: str) -> str:
     """The spool's durability setting in the syntax of the gateway being measured.
 
     Older gateways take ``fsync: true|false``, newer ones ``sync: fsync|syncfs|off``; the schema of the code
-    being measured (the snapshot, first on sys.path) says which, so the benchmark works across versions and
-    never measures a configuration the gateway would reject.
+    being measured says which, so the benchmark works across versions and never measures a configuration the
+    gateway would reject.
     """
-    from lmtp_gateway.config import SCHEMA
-
-    keys = SCHEMA.get("spool", {})
+    keys = gateway_schema().get("spool", {})
     if "sync" in keys:
         return f"sync: {method}"
     if "fsync" in keys and method in ("fsync", "off"):
@@ -101,14 +150,38 @@ def spool_sync_line(method: str) -> str:
     raise SystemExit(f"--sync {method}: not supported by this gateway (spool keys: {', '.join(keys)})")
 
 
+def workers_line(workers: int) -> str:
+    """``workers: N`` for the lmtp section; nothing for a gateway from before workers, which is one process."""
+    if "workers" in gateway_schema().get("lmtp", {}):
+        return f"workers: {workers}"
+    if workers == 1:
+        return "# this gateway has no lmtp.workers: one process"
+    raise SystemExit(f"--workers {workers}: this gateway has no lmtp.workers (it runs one process); use --workers 1")
+
+
+def monitoring_section(port: int) -> str:
+    """/metrics on a free port rather than the default 9425, which another gateway on the machine may hold."""
+    if "monitoring" in gateway_schema():
+        return f'monitoring:\n  listen: "127.0.0.1:{port}"\n'
+    return ""
+
+
 @dataclass
 class SourceRun:
-    """One smtp-source invocation: how long it took and whether it finished cleanly."""
+    """One smtp-source invocation: how long it took, whether it finished cleanly, and (for the gateway) when
+    the last job was in Redis. Times are seconds from smtp-source's start."""
 
-    seconds: float
+    seconds: float  # until smtp-source exited: every message had its 250 (and QUIT its 221)
     exit_code: int | None  # None: killed after the time limit
     stderr: str
-    machine_busy_cores: float | None = None  # every process and the kernel, during the run
+    started_wall: float  # time.time() at the start, to place the journal's timestamps
+    queue_seconds: float | None = None  # until LLEN queue:default reached the count; None: it never did
+    queue_length: int | None = None  # the last LLEN seen
+    queue_error: str | None = None  # polling Redis failed
+    done_seconds: float = 0.0  # the end of the measured window: queue_seconds for the gateway, else seconds
+    machine_busy_cores: float | None = None  # every process and the kernel, over the measured window
+    snap_start: Any = None  # `snapshot()` just before smtp-source started
+    snap_done: Any = None  # ... and at the end of the measured window
 
     @property
     def ok(self) -> bool:
@@ -117,12 +190,12 @@ class SourceRun:
 
 @dataclass
 class ServerResult:
-    """What one server did with one load: speed, and the proof that every message arrived."""
+    """What one server did with one load: speed, CPU, and the proof that every message arrived."""
 
     server: str
     sessions: int
     messages: int
-    seconds: float | None = None
+    seconds: float | None = None  # the headline window: to the last job in Redis (gateway), smtp-source's end
     msgs_per_s: float | None = None
     delivered: int = 0  # jobs in Redis / files in the Maildir
     ok: bool = False
@@ -136,115 +209,212 @@ class ServerResult:
         return data
 
 
-# --- helpers -----------------------------------------------------------------------------------------------
+# --- the load and its clock --------------------------------------------------------------------------------
+
+
+class QueueLength:
+    """``LLEN`` of one list over one connection kept open: polling must cost Redis (whose CPU is reported)
+    and this process as little as possible, and a new connection per poll would not."""
+
+    def __init__(self, host: str, port: int, key: str) -> None:
+        self._sock = socket.create_connection((host, port), timeout=5.0)
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._reader = self._sock.makefile("rb")
+        self._command = b"*2\r\n$4\r\nLLEN\r\n$%d\r\n%s\r\n" % (len(key), key.encode())
+
+    def __call__(self) -> int:
+        self._sock.sendall(self._command)
+        line = self._reader.readline()
+        if not line.startswith(b":"):
+            raise RuntimeError(f"LLEN: unexpected reply {line!r}")
+        return int(line[1:])
+
+    def close(self) -> None:
+        self._reader.close()
+        self._sock.close()
 
 
 def run_smtp_source(
-    binary: str, *, port: int, rcpt: str, messages: int, sessions: int, size: int, timeout: float
+    binary: str,
+    *,
+    port: int,
+    rcpt: str,
+    messages: int,
+    sessions: int,
+    size: int,
+    timeout: float,
+    queue: Callable[[], int] | None = None,
+    snapshot: Callable[[], Any] = lambda: None,
 ) -> SourceRun:
     """Time one smtp-source run; kill it (and say so) if it outlives ``timeout``.
 
     ``-d`` keeps each session's connection open for all its messages, as Postfix's LMTP client does with
     connection caching; without ``-A`` any unexpected reply (a 4xx deferral, a 5xx) aborts with a non-zero
     exit, so a clean exit means every message got its 250.
+
+    With ``queue`` (the gateway), ``queue()`` (LLEN) is polled every QUEUE_POLL_S from the start, in this
+    thread, while another waits for smtp-source, and the measured window ends when it reaches ``messages``:
+    the time is exact to a poll interval. Without it the window ends when smtp-source exits. ``snapshot`` is
+    called just before the start and at the end of the window (the CPU counters).
     """
-    argv = [
-        binary,
-        "-L",
-        "-d",
-        "-s",
-        str(sessions),
-        "-m",
-        str(messages),
-        "-l",
-        str(size),
-        "-f",
-        SENDER,
-        "-t",
-        rcpt,
-        f"127.0.0.1:{port}",
-    ]
-    started, busy_before = time.perf_counter(), cpu_times()["busy"]
+    argv = [binary, "-L", "-d", "-s", str(sessions), "-m", str(messages), "-l", str(size)]
+    argv += ["-f", SENDER, "-t", rcpt, f"127.0.0.1:{port}"]
+    outcome: dict[str, Any] = {}
+    exited = threading.Event()
+    snap_start = snapshot()
+    busy_before = cpu_times()["busy"]
+    started_wall, started = time.time(), time.perf_counter()
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-        exit_code: int | None = proc.returncode
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        exit_code = None
-    seconds = time.perf_counter() - started
-    busy = (cpu_times()["busy"] - busy_before) / os.sysconf("SC_CLK_TCK")
-    text = (out + err).decode(errors="replace").strip()
-    return SourceRun(seconds, exit_code, text, busy / seconds)
+
+    def wait_for_source() -> None:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+            outcome["exit_code"] = proc.returncode
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            outcome["exit_code"] = None
+        outcome["seconds"] = time.perf_counter() - started
+        outcome["text"] = (out + err).decode(errors="replace").strip()
+        exited.set()
+
+    waiter = threading.Thread(target=wait_for_source, name="smtp-source", daemon=True)
+    waiter.start()
+    queue_seconds: float | None = None
+    length: int | None = None
+    queue_error: str | None = None
+    if queue is None:
+        waiter.join()
+        done = started + outcome["seconds"]
+    else:
+        grown_at = started
+        while True:
+            try:
+                now_length = queue()
+            except (OSError, RuntimeError) as error:
+                queue_error = f"polling {QUEUE_KEY} failed: {error}"
+                break
+            now = time.perf_counter()
+            if now_length >= messages:
+                queue_seconds, length = now - started, now_length
+                break
+            if now_length != length:
+                length, grown_at = now_length, now
+            if exited.is_set():
+                source_end = started + outcome["seconds"]
+                if now - max(grown_at, source_end) > QUEUE_STALL_S or now - source_end > QUEUE_DRAIN_LIMIT_S:
+                    break
+            time.sleep(QUEUE_POLL_S)
+        done = time.perf_counter()
+    snap_done = snapshot()
+    busy = (cpu_times()["busy"] - busy_before) / TICK
+    waiter.join()
+    return SourceRun(
+        seconds=outcome["seconds"],
+        exit_code=outcome["exit_code"],
+        stderr=outcome["text"],
+        started_wall=started_wall,
+        queue_seconds=queue_seconds,
+        queue_length=length,
+        queue_error=queue_error,
+        done_seconds=done - started,
+        machine_busy_cores=busy / (done - started),
+        snap_start=snap_start,
+        snap_done=snap_done,
+    )
 
 
-def cpu_seconds(pid: int, tid: int | None = None) -> tuple[float, float] | None:
-    """(user, system) CPU seconds of a process (all its threads), or of one of its threads, from /proc.
-
-    Compared with the wall time they tell whether the gateway was CPU-bound (about 1.0: one core busy) or
-    waiting (for the disk, for the client), and whether the time goes to Python (user) or to the kernel
-    (system: file creation, fsync, sockets). The main thread (tid = pid) runs the event loop; the others are
-    the journal's writer/sync thread and asyncio's to_thread pool.
-    """
-    stat = Path(f"/proc/{pid}/stat") if tid is None else Path(f"/proc/{pid}/task/{tid}/stat")
-    try:
-        fields = stat.read_text().rsplit(")", 1)[1].split()
-        tick = os.sysconf("SC_CLK_TCK")
-        return int(fields[11]) / tick, int(fields[12]) / tick  # utime, stime
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def proc_status_mb(pid: int, key: str) -> float | None:
-    """A memory figure (``VmHWM``: peak resident set, ``VmRSS``: current) from /proc, in MB."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024  # kB
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
+def record_source(result: ServerResult, run: SourceRun, messages: int) -> None:
+    """smtp-source's time and failure (exit code, output) if any; the rate at smtp-source's end."""
+    result.extra["source_seconds"] = run.seconds
+    result.extra["machine_busy_cores"] = run.machine_busy_cores
+    if run.ok:
+        result.extra["msgs_per_s_at_last_250"] = messages / run.seconds
+    elif run.exit_code is None:
+        result.errors.append(f"smtp-source killed after {run.seconds:.1f} s: {run.stderr[-500:]}")
+    else:
+        result.errors.append(f"smtp-source exit {run.exit_code}: {run.stderr[-500:]}")
+    if run.ok and run.stderr:
+        result.errors.append(f"smtp-source said: {run.stderr[-500:]}")
 
 
 # --- the gateway -------------------------------------------------------------------------------------------
 
 
-def gateway_argv(config: Path, profile: Path | None) -> list[str]:
-    """The installed console script, or the same module under cProfile (``--profile``)."""
-    bindir = REPO / ".venv" / "bin"
-    if profile is not None:
-        python = bindir / "python" if (bindir / "python").exists() else Path(sys.executable)
-        prefix = [str(python), "-m", "cProfile", "-o", str(profile), "-m", "lmtp_gateway"]
-    else:
-        prefix = [gateway_script()]
-    return [*prefix, "serve", "--config", str(config), "--log-level", "warning"]
+def gateway_argv(config: Path) -> list[str]:
+    """The installed console script (it imports the snapshot: PYTHONPATH)."""
+    return [gateway_script(), "serve", "--config", str(config), "--log-level", "warning"]
 
 
-def read_journal(spool: Path) -> tuple[dict[str, int], list[float], list[float]]:
-    """Entries per journal state, and two latencies of the delivered ones.
+def profile_env(workdir: Path, prefix: Path) -> dict[str, str]:
+    """The environment of a profiled gateway: PROFILE_HOOK first on PYTHONPATH, the files' prefix."""
+    hook = workdir / "profile-hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(PROFILE_HOOK)
+    path = os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "LMTP_BENCH_PROFILE": str(prefix)}
 
-    Hand-off (finished_at - received_at): received_at is taken before the journal commit, finished_at when the
-    Sidekiq push was confirmed, so it covers fsync, the dispatcher's queue and the Redis round trip: what a
-    message waits between Postfix handing it over and GitLab being able to see it. After the 250
-    (finished_at - extra.submitted_at): from the moment the entry was committed and handed to the dispatcher.
-    """
-    counts: dict[str, int] = {}
-    latencies: list[float] = []
-    after_ack: list[float] = []
-    for state in ("pending", "delivered", "dropped", "failed"):
-        files = list((spool / state).glob("*.json"))
-        counts[state] = len(files)
-        if state != "delivered":
+
+def worker_index(pid: int) -> int | None:
+    """A worker's index from its command line (``serve ... --worker-seat {"index": k, ...}``), else None."""
+    argv = cmdline(pid)
+    try:
+        return int(json.loads(argv[argv.index("--worker-seat") + 1])["index"])
+    except (ValueError, IndexError, KeyError, TypeError):
+        return None
+
+
+@dataclass
+class GatewayProcesses:
+    """Who is who in the gateway's process tree: the supervisor (None when one process does everything) and the
+    workers by index (the single process is worker 0)."""
+
+    supervisor: ProcStat | None
+    workers: dict[int, ProcStat]
+    others: list[ProcStat]  # anything else in the tree (there should be nothing)
+
+
+def gateway_processes(root: int, tree: dict[tuple[int, int], ProcStat], expected: int) -> GatewayProcesses:
+    members = sorted(tree.values(), key=lambda stat: stat.pid)
+    top = next((stat for stat in members if stat.pid == root), None)
+    if top is None:
+        return GatewayProcesses(None, {}, [])
+    if expected == 1 and worker_index(root) is None and not any(stat.ppid == root for stat in members):
+        return GatewayProcesses(None, {0: top}, [])
+    workers: dict[int, ProcStat] = {}
+    others: list[ProcStat] = []
+    for stat in members:
+        if stat.pid == root:
             continue
-        for path in files:
-            meta = json.loads(path.read_bytes())
-            if meta.get("finished_at") is not None and meta.get("received_at") is not None:
-                latencies.append(meta["finished_at"] - meta["received_at"])
-            submitted = (meta.get("extra") or {}).get("submitted_at")
-            if meta.get("finished_at") is not None and submitted is not None:
-                after_ack.append(meta["finished_at"] - submitted)
-    return counts, latencies, after_ack
+        index = worker_index(stat.pid) if stat.ppid == root else None
+        if index is None or index in workers:
+            others.append(stat)
+        else:
+            workers[index] = stat
+    return GatewayProcesses(top, dict(sorted(workers.items())), others)
+
+
+def gateway_snapshot(root: int, redis_pid: int | None) -> dict[str, Any]:
+    """The CPU counters of the gateway's tree, of each member's main thread (the event loop), and of Redis."""
+    processes = all_processes()
+    tree = process_tree(root, processes)
+    threads = {key: thread.own for key, stat in tree.items() if (thread := proc_stat(stat.pid, stat.pid)) is not None}
+    redis = process_tree(redis_pid, processes) if redis_pid else {}
+    return {"tree": tree, "threads": threads, "redis": redis, "at": time.perf_counter()}
+
+
+def wait_ready(proc: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
+    """Until the gateway said it is listening (a supervisor says so once every worker is ready; one worker may
+    greet before) and greets on its port."""
+
+    def ready() -> bool:
+        try:
+            said = log_path.read_text(errors="replace")
+        except OSError:
+            return False
+        return "lmtp-gateway: listening on" in said and greets(port)
+
+    wait_until(ready, timeout=60, what="lmtp-gateway", proc=proc, log_files=[log_path])
 
 
 def check_jobs(redis: RedisServer, expected: int) -> tuple[int, int, list[str]]:
@@ -266,6 +436,7 @@ def bench_gateway(
     *,
     repeat: int,
     sync: str,
+    workers: int,
     redis: RedisServer,
     smtp_source: str,
     workdir: Path,
@@ -277,97 +448,194 @@ def bench_gateway(
 ) -> ServerResult:
     """One run against a fresh gateway (empty journal, flushed Redis), so VmHWM is this run's peak."""
     result = ServerResult("lmtp-gateway", sessions, messages)
+    result.extra["workers"] = workers
     run_dir = workdir / f"gateway-s{sessions}-r{repeat}"
     run_dir.mkdir()
     port = free_port()
     config = run_dir / "gw.yml"
     config.write_text(
-        GATEWAY_CONFIG.format(port=port, spool=run_dir / "spool", redis_url=redis.url, sync_line=spool_sync_line(sync))
+        GATEWAY_CONFIG.format(
+            port=port,
+            workers_line=workers_line(workers),
+            spool=run_dir / "spool",
+            sync_line=spool_sync_line(sync),
+            redis_url=redis.url,
+            monitoring=monitoring_section(free_port()),
+        )
     )
     log_path = run_dir / "gateway.log"
     redis.command("FLUSHALL")
-    profile = profile_dir / f"gateway-s{sessions}-r{repeat}.prof" if profile_dir else None
-    # cwd is not the repository: `python -m` (cProfile) puts the cwd first on sys.path, before the snapshot.
-    proc = start_process(gateway_argv(config, profile), cwd=run_dir, output=log_path)
+    profile = profile_dir / f"gateway-s{sessions}-r{repeat}" if profile_dir else None
+    env = profile_env(workdir, profile) if profile else None
+    # cwd is not the repository: `python -m` (the workers) puts the cwd first on sys.path, before the snapshot.
+    proc = start_process(gateway_argv(config), cwd=run_dir, output=log_path, env=env)
+    run: SourceRun | None = None
+    queue: QueueLength | None = None
+    alive = False
     try:
-        wait_until(lambda: greets(port), timeout=30, what="lmtp-gateway", proc=proc, log_files=[log_path])
-        result.extra["rss_start_mb"] = proc_status_mb(proc.pid, "VmRSS")
-        cpu_before, main_before, started = cpu_seconds(proc.pid), cpu_seconds(proc.pid, proc.pid), time.perf_counter()
+        try:
+            wait_ready(proc, port, log_path)
+        except (RuntimeError, TimeoutError) as error:
+            result.errors.append(f"gateway did not start: {str(error)[-1500:]}")
+            return result
+        redis_pid = redis.pid
+        started = gateway_processes(proc.pid, process_tree(proc.pid), workers)
+        if len(started.workers) != workers:
+            result.errors.append(f"{len(started.workers)} worker processes running at the start, expected {workers}")
+        result.extra["rss_start_mb_workers"] = [proc_status_mb(s.pid, "VmRSS") for s in started.workers.values()]
+        queue = QueueLength(redis.host, redis.port, QUEUE_KEY)
         run = run_smtp_source(
-            smtp_source, port=port, rcpt=GATEWAY_RCPT, messages=messages, sessions=sessions, size=size, timeout=timeout
+            smtp_source,
+            port=port,
+            rcpt=GATEWAY_RCPT,
+            messages=messages,
+            sessions=sessions,
+            size=size,
+            timeout=timeout,
+            queue=queue,
+            snapshot=lambda: gateway_snapshot(proc.pid, redis_pid),
         )
-        accepted_at = time.perf_counter()
         record_source(result, run, messages)
-        # The 250 comes after the journal commit; the Sidekiq push follows. Wait for the queue to fill, so
-        # the latencies and the counts below are complete (and measure how far delivery lags behind).
-        with contextlib.suppress(TimeoutError, RuntimeError):
-            wait_until(
-                lambda: redis.command("LLEN", QUEUE_KEY) == messages,
-                timeout=120,
-                what="Redis queue",
-                proc=proc,
-                interval=0.05,
-            )
-        result.extra["drain_after_last_250_s"] = time.perf_counter() - accepted_at
-        result.extra["peak_rss_mb"] = proc_status_mb(proc.pid, "VmHWM")
-        cpu_after, main_after = cpu_seconds(proc.pid), cpu_seconds(proc.pid, proc.pid)
-        if cpu_before and cpu_after and main_before and main_after:
-            user, system = cpu_after[0] - cpu_before[0], cpu_after[1] - cpu_before[1]
-            busy = user + system
-            result.extra["cpu_s"] = busy
-            result.extra["cpu_user_s"] = user
-            result.extra["cpu_system_s"] = system
-            result.extra["cpu_main_thread_user_s"] = main_after[0] - main_before[0]
-            result.extra["cpu_main_thread_system_s"] = main_after[1] - main_before[1]
-            wall = time.perf_counter() - started
-            result.extra["cpu_ms_per_msg"] = busy / messages * 1000
-            result.extra["cpu_utilization"] = busy / wall
-            result.extra["cpu_main_thread_utilization"] = (sum(main_after) - sum(main_before)) / wall
+        # What the gateway still does for these messages after the last job is in Redis (an entry's move to
+        # delivered/, a log line) is part of their cost: the CPU is read again once its processes are quiet.
+        result.extra["cpu_settle_s"] = settle([proc.pid])
+        end = gateway_snapshot(proc.pid, redis_pid)
+        account_gateway(result, run, end, proc.pid, workers)
         alive = process_running(proc)
     finally:
+        if queue is not None:
+            queue.close()
         stop_process(proc, timeout=30)
     if not alive:
         result.errors.append("gateway died during the run")
     if proc.returncode != 0:
         result.errors.append(f"gateway exit status {proc.returncode} after SIGTERM (expected 0)")
+    assert run is not None
+    if run.queue_seconds is not None:
+        result.seconds = run.queue_seconds
+        result.msgs_per_s = messages / run.queue_seconds if run.ok else None
+        result.extra["last_job_after_last_250_s"] = run.queue_seconds - run.seconds
+    elif run.queue_error is not None:
+        result.errors.append(run.queue_error)
+    else:
+        result.errors.append(
+            f"{QUEUE_KEY} held {run.queue_length} of {messages} jobs "
+            f"{run.done_seconds - run.seconds:.1f} s after smtp-source ended"
+        )
     jobs, jids, problems = check_jobs(redis, messages)
     result.delivered = jobs
     result.extra["distinct_jids"] = jids
     result.errors.extend(problems)
     if jids != jobs:
         result.errors.append(f"{jobs - jids} jobs share a jid with another job")
-    counts, latencies, after_ack = read_journal(run_dir / "spool")
-    result.extra["after_250_ms"] = percentiles_ms(after_ack)
-    result.extra["journal"] = counts
-    entries = sum(counts.values())
-    if entries != messages:
-        result.errors.append(f"{entries} journal entries for {messages} messages (dedupe or loss?)")
-    if counts["pending"] or counts["failed"] or counts["dropped"]:
-        result.errors.append(f"journal not all delivered: {counts}")
-    result.extra["latency_ms"] = percentiles_ms(latencies)
-    result.latencies = latencies
+    check_journal(result, run_dir / "spool", run, messages)
     problems = log_problems(log_path)
     result.extra["log_problem_lines"] = len(problems)
     if problems:
         result.errors.append("gateway log: " + " | ".join(summarize(problems)))
     if profile is not None:
-        result.extra["profile"] = str(profile)
+        pids = result.extra.get("pids") or {}
+        roles = {pid: f"worker {index}" for index, pid in enumerate(pids.get("workers", []))}
+        roles[pids.get("supervisor")] = "supervisor"
+        found = sorted(profile.parent.glob(f"{profile.name}-*.prof"))
+        result.extra["profiles"] = {
+            str(path): roles.get(int(path.stem.rpartition("-")[2]), "another process") for path in found
+        }
+        if not found:
+            result.errors.append(f"no profile written to {profile}-*.prof")
     result.ok = run.ok and not result.errors
     return result
 
 
-def record_source(result: ServerResult, run: SourceRun, messages: int) -> None:
-    """Throughput from the smtp-source run, and its failure (exit code, output) if any."""
-    result.seconds = run.seconds
-    result.extra["machine_busy_cores"] = run.machine_busy_cores
-    if run.ok:
-        result.msgs_per_s = messages / run.seconds
-    elif run.exit_code is None:
-        result.errors.append(f"smtp-source killed after {run.seconds:.0f}s: {run.stderr[-500:]}")
-    else:
-        result.errors.append(f"smtp-source exit {run.exit_code}: {run.stderr[-500:]}")
-    if run.ok and run.stderr:
-        result.errors.append(f"smtp-source said: {run.stderr[-500:]}")
+def account_gateway(result: ServerResult, run: SourceRun, end: dict[str, Any], root: int, workers: int) -> None:
+    """CPU of the gateway's tree and of Redis, per worker, the event loops, and peak RSS per process.
+
+    CPU per message counts from smtp-source's start until the gateway was quiet again after the last job
+    (``end``); the utilisation (cores busy) is over the measured window only, to the last job in Redis.
+    """
+    start, done = run.snap_start, run.snap_done
+    messages, window = result.messages, run.done_seconds
+    if not start["tree"]:
+        result.errors.append("gateway process gone before the run")
+        return
+    before = gateway_processes(root, start["tree"], workers)
+    after = gateway_processes(root, end["tree"], workers)
+    total = tree_cpu_ticks(start["tree"], end["tree"]) / TICK
+    result.extra["cpu_s"] = total
+    result.extra["cpu_ms_per_msg"] = total / messages * 1000
+    result.extra["cpu_s_in_window"] = tree_cpu_ticks(start["tree"], done["tree"]) / TICK
+    result.extra["cpu_utilization"] = result.extra["cpu_s_in_window"] / window
+    redis_total = tree_cpu_ticks(start["redis"], end["redis"]) / TICK if start["redis"] else None
+    redis_window = tree_cpu_ticks(start["redis"], done["redis"]) / TICK if start["redis"] else None
+    result.extra["redis_cpu_s"] = redis_total
+    result.extra["redis_cpu_ms_per_msg"] = None if redis_total is None else redis_total / messages * 1000
+    result.extra["redis_cpu_utilization"] = None if redis_window is None else redis_window / window
+    # Per process: its own time (utime + stime) over the run. What the tree used beyond the supervisor and the
+    # workers that ran throughout is `cpu_s_other`: a worker that exited (in the supervisor's reaped time) or
+    # one started during the run.
+    supervisor_s = 0.0
+    if after.supervisor is not None and before.supervisor is not None:
+        supervisor_s = (after.supervisor.own - before.supervisor.own) / TICK
+        result.extra["cpu_s_supervisor"] = supervisor_s
+        result.extra["peak_rss_mb_supervisor"] = proc_status_mb(after.supervisor.pid, "VmHWM")
+    per_worker: list[float | None] = []
+    loops: list[float | None] = []
+    rss: list[float | None] = []
+    for index in range(workers):
+        first, last = before.workers.get(index), after.workers.get(index)
+        if last is None:
+            result.errors.append(f"worker {index}: no process at the end of the run")
+        elif first is None:
+            result.errors.append(f"worker {index}: started during the run (pid {last.pid})")
+        elif first.key != last.key:
+            result.errors.append(f"worker {index}: pid {first.pid} was replaced by {last.pid} during the run")
+        same = first is not None and last is not None and first.key == last.key
+        per_worker.append((last.own - first.own) / TICK if same and first and last else None)
+        thread_before = start["threads"].get(first.key) if first else None
+        thread_done = done["threads"].get(first.key) if first else None
+        loops.append(
+            (thread_done - thread_before) / TICK / window
+            if same and thread_before is not None and thread_done is not None
+            else None
+        )
+        rss.append(proc_status_mb(last.pid, "VmHWM") if last else None)
+    result.extra["cpu_s_workers"] = per_worker
+    result.extra["cpu_s_other"] = total - supervisor_s - sum(value for value in per_worker if value is not None)
+    result.extra["event_loop_utilization_workers"] = loops
+    result.extra["peak_rss_mb_workers"] = rss
+    known = [value for value in [*rss, result.extra.get("peak_rss_mb_supervisor")] if value is not None]
+    result.extra["peak_rss_mb"] = max(known) if known else None
+    result.extra["pids"] = {
+        "supervisor": after.supervisor.pid if after.supervisor else None,
+        "workers": [stat.pid for stat in after.workers.values()],
+        "others": [f"{stat.pid} {stat.name}" for stat in after.others],
+    }
+    if after.others:
+        result.errors.append(f"unexpected processes in the gateway's tree: {result.extra['pids']['others']}")
+
+
+def check_journal(result: ServerResult, spool: Path, run: SourceRun, messages: int) -> None:
+    """One entry per message over every shard, all delivered, none twice; the hand-off latencies."""
+    journal = read_journal(spool)
+    result.extra["journal"] = journal.counts
+    result.extra["journal_shards"] = journal.per_shard
+    result.extra["journal_distinct_ids"] = journal.distinct_ids
+    if journal.entries != messages:
+        result.errors.append(f"{journal.entries} journal entries for {messages} messages (dedupe or loss?)")
+    if journal.distinct_ids != journal.entries:
+        result.errors.append(f"{journal.entries - journal.distinct_ids} journal ids in more than one state or shard")
+    if journal.counts["delivered"] != messages or journal.entries != journal.counts["delivered"]:
+        result.errors.append(f"journal not all delivered: {journal.counts}")
+    if journal.counts["quarantine"]:
+        result.errors.append(f"{journal.counts['quarantine']} journal entries set aside in quarantine/")
+    if journal.tmp_files:
+        result.errors.append(f"{journal.tmp_files} files left in the journal's tmp/ after the stop")
+    if len(journal.handoff) != journal.counts["delivered"]:
+        result.errors.append(f"{journal.counts['delivered'] - len(journal.handoff)} delivered entries lack times")
+    if journal.finished_at:  # the gateway's own word on when the last job was confirmed, beside the poll
+        result.extra["journal_last_finished_s"] = max(journal.finished_at) - run.started_wall
+    result.extra["latency_ms"] = percentiles_ms(journal.handoff)
+    result.latencies = journal.handoff
 
 
 # --- Dovecot -----------------------------------------------------------------------------------------------
@@ -378,6 +646,17 @@ def count_maildir(maildir: Path) -> int:
     return sum(1 for sub in ("new", "cur") for path in (maildir / sub).iterdir() if path.is_file())
 
 
+def dovecot_master(dovecot: DovecotServer) -> int:
+    """The master's pid: the process started (``dovecot -F``), which writes the same to base_dir/master.pid."""
+    pid = dovecot.pid
+    if pid is None:
+        raise RuntimeError("dovecot is not running")
+    written = dovecot.tmpdir / "run" / "master.pid"
+    if written.exists() and written.read_text().strip() != str(pid):
+        raise RuntimeError(f"dovecot: {written} says {written.read_text().strip()}, the process started is {pid}")
+    return pid
+
+
 def bench_dovecot(*, smtp_source: str, sessions: int, messages: int, size: int, timeout: float) -> ServerResult:
     """One run against a fresh Dovecot, so every run starts with an empty Maildir and index."""
     result = ServerResult("dovecot", sessions, messages)
@@ -385,6 +664,7 @@ def bench_dovecot(*, smtp_source: str, sessions: int, messages: int, size: int, 
     dovecot = DovecotServer()
     try:
         dovecot.start()
+        master = dovecot_master(dovecot)
         run = run_smtp_source(
             smtp_source,
             port=dovecot.lmtp_port,
@@ -393,8 +673,23 @@ def bench_dovecot(*, smtp_source: str, sessions: int, messages: int, size: int, 
             sessions=sessions,
             size=size,
             timeout=timeout,
+            snapshot=lambda: process_tree(master),
         )
         record_source(result, run, messages)
+        result.seconds = run.seconds
+        if run.ok:
+            result.msgs_per_s = messages / run.seconds
+        result.extra["cpu_settle_s"] = settle([master])
+        end = process_tree(master)
+        if not end:
+            result.errors.append("dovecot's master died during the run")
+        total = tree_cpu_ticks(run.snap_start, end) / TICK
+        result.extra["cpu_s"] = total
+        result.extra["cpu_ms_per_msg"] = total / messages * 1000
+        result.extra["cpu_s_in_window"] = tree_cpu_ticks(run.snap_start, run.snap_done) / TICK
+        result.extra["cpu_utilization"] = result.extra["cpu_s_in_window"] / run.done_seconds
+        result.extra["processes"] = sorted({stat.name for stat in end.values()})
+        result.extra["process_count"] = len(end)
         result.delivered = count_maildir(dovecot.maildir())
         problems = [
             line
@@ -403,6 +698,8 @@ def bench_dovecot(*, smtp_source: str, sessions: int, messages: int, size: int, 
         ]
         if problems:
             result.errors.append("dovecot log: " + " | ".join(summarize(problems)))
+    except (RuntimeError, TimeoutError) as error:
+        result.errors.append(f"dovecot: {str(error)[-1500:]}")
     finally:
         dovecot.stop(graceful=False)  # throw-away: skip the 1 s orderly shutdown
     if result.delivered != messages:
@@ -414,11 +711,16 @@ def bench_dovecot(*, smtp_source: str, sessions: int, messages: int, size: int, 
 # --- report ------------------------------------------------------------------------------------------------
 
 
+def rss_list(values: list[float | None]) -> str:
+    return " ".join(fmt(value, ".1f") for value in values) or "-"
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     """The comparison, one line per session count (medians over the repeats)."""
     header = (
         f"{'sessions':>8}  {'gateway msg/s':>13}  {'dovecot msg/s':>13}  {'ratio':>5}  "
-        f"{'gw p50 ms':>9}  {'p90':>6}  {'p99':>6}  {'gw peak RSS MB':>14}  {'checks':>6}"
+        f"{'gw CPU ms/msg':>13}  {'dc CPU ms/msg':>13}  {'p50 ms':>6}  {'p90':>6}  {'p99':>6}  "
+        f"{'peak RSS MB per worker':<22}  {'checks':>6}"
     )
     lines = [header, "-" * len(header)]
     for row in rows:
@@ -427,42 +729,114 @@ def table(rows: list[dict[str, Any]]) -> str:
         checks = "ok" if gw["ok"] and dc["ok"] else "FAIL"
         lines.append(
             f"{row['sessions']:>8}  {fmt(gw['msgs_per_s']):>13}  {fmt(dc['msgs_per_s']):>13}  "
-            f"{fmt(row['ratio'], '.2f'):>5}  {fmt(latency['p50'], '.1f'):>9}  {fmt(latency['p90'], '.1f'):>6}  "
-            f"{fmt(latency['p99'], '.1f'):>6}  {fmt(gw['peak_rss_mb'], '.1f'):>14}  {checks:>6}"
+            f"{fmt(row['ratio'], '.2f'):>5}  {fmt(gw['cpu_ms_per_msg'], '.2f'):>13}  "
+            f"{fmt(dc['cpu_ms_per_msg'], '.2f'):>13}  {fmt(latency['p50'], '.1f'):>6}  "
+            f"{fmt(latency['p90'], '.1f'):>6}  {fmt(latency['p99'], '.1f'):>6}  "
+            f"{rss_list(gw['peak_rss_mb_workers']):<22}  {checks:>6}"
         )
     return "\n".join(lines)
 
 
+def worst_per_index(runs: list[list[float | None]]) -> list[float | None]:
+    """Per worker, the largest figure over the runs (None where a run lacks it)."""
+    width = max((len(values) for values in runs), default=0)
+    worst: list[float | None] = []
+    for index in range(width):
+        seen = [values[index] if index < len(values) else None for values in runs]
+        worst.append(None if any(v is None for v in seen) else max(v for v in seen if v is not None))
+    return worst
+
+
 def summarize_sessions(sessions: int, gateway: list[ServerResult], dovecot: list[ServerResult]) -> dict[str, Any]:
-    """One row: median throughput per server, latency pooled over all gateway repeats, worst-case RSS."""
+    """One row: medians per server, latency pooled over all gateway repeats, worst-case RSS per worker."""
+
+    def med(results: list[ServerResult], key: str) -> float | None:
+        return median([r.extra.get(key) for r in results])
+
     gw_rates = [r.msgs_per_s for r in gateway]
     dc_rates = [r.msgs_per_s for r in dovecot]
-    gw_median, dc_median = median(gw_rates), median(dc_rates)
-    rss = [r.extra["peak_rss_mb"] for r in gateway if r.extra.get("peak_rss_mb") is not None]
+    gw_250 = [r.extra.get("msgs_per_s_at_last_250") for r in gateway]
+    gw_median, dc_median, gw_250_median = median(gw_rates), median(dc_rates), median(gw_250)
+    supervisor = [r.extra.get("peak_rss_mb_supervisor") for r in gateway]
     return {
         "sessions": sessions,
         "ratio": gw_median / dc_median if gw_median and dc_median else None,
+        "ratio_at_last_250": gw_250_median / dc_median if gw_250_median and dc_median else None,
         "gateway": {
             "msgs_per_s": gw_median,
             "msgs_per_s_runs": gw_rates,
+            "msgs_per_s_at_last_250": gw_250_median,
+            "msgs_per_s_at_last_250_runs": gw_250,
+            "last_job_after_last_250_s": med(gateway, "last_job_after_last_250_s"),
+            "cpu_ms_per_msg": med(gateway, "cpu_ms_per_msg"),
+            "cpu_utilization": med(gateway, "cpu_utilization"),
+            "redis_cpu_ms_per_msg": med(gateway, "redis_cpu_ms_per_msg"),
+            "redis_cpu_utilization": med(gateway, "redis_cpu_utilization"),
+            "machine_busy_cores": med(gateway, "machine_busy_cores"),
             "latency_ms": percentiles_ms([x for r in gateway for x in r.latencies]),
-            "peak_rss_mb": max(rss) if rss else None,
+            "peak_rss_mb_workers": worst_per_index([r.extra.get("peak_rss_mb_workers") or [] for r in gateway]),
+            "peak_rss_mb_supervisor": None if None in supervisor else max(supervisor, default=None),
             "ok": all(r.ok for r in gateway),
         },
-        "dovecot": {"msgs_per_s": dc_median, "msgs_per_s_runs": dc_rates, "ok": all(r.ok for r in dovecot)},
+        "dovecot": {
+            "msgs_per_s": dc_median,
+            "msgs_per_s_runs": dc_rates,
+            "cpu_ms_per_msg": med(dovecot, "cpu_ms_per_msg"),
+            "cpu_utilization": med(dovecot, "cpu_utilization"),
+            "machine_busy_cores": med(dovecot, "machine_busy_cores"),
+            "ok": all(r.ok for r in dovecot),
+        },
         "runs": [r.as_json() for pair in zip(gateway, dovecot, strict=True) for r in pair],
     }
 
 
-def print_profiles(paths: list[Path], top: int = 25) -> None:
-    """The hotspots of each profiled gateway run, by own time and by cumulative time."""
+def describe(row: dict[str, Any]) -> str:
+    """The figures behind one row of the table, for the lines under it."""
+    gw, dc = row["gateway"], row["dovecot"]
+    gw_runs = [r for r in row["runs"] if r["server"] == "lmtp-gateway"]
+
+    def runs(values: list[float | None]) -> str:
+        return "[" + ", ".join(fmt(v) for v in values) + "]"
+
+    def per_run(key: str, spec: str) -> str:
+        return "; ".join("[" + ", ".join(fmt(v, spec) for v in (r["extra"].get(key) or [])) + "]" for r in gw_runs)
+
+    def delivered_per_shard(run: dict[str, Any]) -> str:
+        return " ".join(f"{name}={n.get('delivered', 0)}" for name, n in run["extra"].get("journal_shards", {}).items())
+
+    shards = "; ".join(delivered_per_shard(r) for r in gw_runs)
+    latency = gw["latency_ms"]
+    return "\n".join(
+        [
+            f"  sessions={row['sessions']}: gateway msg/s per run {runs(gw['msgs_per_s_runs'])} (last job in Redis), "
+            f"{runs(gw['msgs_per_s_at_last_250_runs'])} at the last 250 (median {fmt(gw['msgs_per_s_at_last_250'])}, "
+            f"ratio {fmt(row['ratio_at_last_250'], '.2f')}); the last job was in Redis "
+            f"{fmt(gw['last_job_after_last_250_s'], '.3f')} s after smtp-source ended (median); "
+            f"dovecot {runs(dc['msgs_per_s_runs'])}",
+            f"    CPU: gateway {fmt(gw['cpu_ms_per_msg'], '.2f')} ms/msg, {fmt(gw['cpu_utilization'], '.2f')} cores "
+            f"busy (per worker s {per_run('cpu_s_workers', '.2f')}; "
+            f"event loops {per_run('event_loop_utilization_workers', '.2f')} cores); "
+            f"redis {fmt(gw['redis_cpu_ms_per_msg'], '.2f')} ms/msg, {fmt(gw['redis_cpu_utilization'], '.2f')} cores; "
+            f"dovecot {fmt(dc['cpu_ms_per_msg'], '.2f')} ms/msg, {fmt(dc['cpu_utilization'], '.2f')} cores; "
+            f"the whole machine kept {fmt(gw['machine_busy_cores'], '.2f')} of {os.cpu_count()} cores busy under "
+            f"the gateway, {fmt(dc['machine_busy_cores'], '.2f')} under Dovecot",
+            f"    hand-off p50 {fmt(latency['p50'], '.1f')} p90 {fmt(latency['p90'], '.1f')} "
+            f"p99 {fmt(latency['p99'], '.1f')} max {fmt(latency['max'], '.1f')} ms; delivered per shard {shards}; "
+            f"peak RSS MB supervisor {fmt(gw['peak_rss_mb_supervisor'], '.1f')}, "
+            f"workers {rss_list(gw['peak_rss_mb_workers'])}",
+        ]
+    )
+
+
+def print_profiles(paths: dict[str, str], top: int = 25) -> None:
+    """The hotspots of each profiled gateway process (path: which process), by own and by cumulative time."""
     import pstats
 
-    for path in paths:
-        if not path.exists():
+    for path, role in paths.items():
+        if not Path(path).exists():
             print(f"(no profile written to {path})")
             continue
-        print(f"\n=== {path} ===")
+        print(f"\n=== {path} ({role}) ===")
         stats = pstats.Stats(str(path))
         stats.strip_dirs().sort_stats("tottime").print_stats(top)
         stats.sort_stats("cumulative").print_stats(top)
@@ -474,6 +848,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sessions", default="1,16", help="comma-separated session counts (default 1,16)")
     parser.add_argument("--size", type=int, default=10240, help="message payload in bytes (default 10240)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per server and session count (default 3)")
+    parser.add_argument(
+        "--workers", type=int, default=2, help="the gateway's lmtp.workers: worker processes (default 2)"
+    )
     parser.add_argument(
         "--sync",
         default="fsync",
@@ -488,14 +865,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--output", type=Path, default=DEFAULT_RESULTS, help="JSON results (default: next to this script)"
     )
     parser.add_argument("--scratch", choices=CHOICES, default="auto", help=SCRATCH_HELP)
-    parser.add_argument("--profile", type=Path, metavar="DIR", help="run the gateway under cProfile, .prof files here")
+    parser.add_argument(
+        "--profile", type=Path, metavar="DIR", help="run every gateway process under cProfile, .prof files here"
+    )
     args = parser.parse_args(argv)
     try:
         args.session_counts = [int(s) for s in args.sessions.split(",") if s.strip()]
     except ValueError:
         parser.error(f"--sessions: not a comma-separated list of numbers: {args.sessions!r}")
-    if min(args.messages, args.size, args.repeat, *args.session_counts, 0 if not args.session_counts else 1) < 1:
-        parser.error("--messages, --size, --repeat and every session count must be positive")
+    if min(args.messages, args.size, args.repeat, args.workers, *args.session_counts, len(args.session_counts)) < 1:
+        parser.error("--messages, --size, --repeat, --workers and every session count must be positive")
     return args
 
 
@@ -514,7 +893,9 @@ def measure(args: argparse.Namespace, scratch: str) -> int:
     redis = RedisServer()
     try:
         code = {**git_state(args.ref), "source_sha256": code_digest(snapshot_code(workdir, args.ref))}
-        spool_sync_line(args.sync)  # fail now, not after the first run, if this gateway cannot do it
+        # Fail now, not after the first run, if this gateway cannot do what is asked.
+        spool_sync_line(args.sync)
+        workers_line(args.workers)
         load_before = load_at_start()
         create_before = file_create_us(Path(tempfile.gettempdir()))
         redis.start()
@@ -531,6 +912,7 @@ def measure(args: argparse.Namespace, scratch: str) -> int:
                             bench_gateway(
                                 repeat=repeat,
                                 sync=args.sync,
+                                workers=args.workers,
                                 redis=redis,
                                 smtp_source=smtp_source,
                                 workdir=workdir,
@@ -567,8 +949,11 @@ def measure(args: argparse.Namespace, scratch: str) -> int:
             "sessions": args.session_counts,
             "size": args.size,
             "repeat": args.repeat,
+            "workers": args.workers,
             "spool_sync": args.sync,
             "profiled": profile_dir is not None,
+            "queue_poll_s": QUEUE_POLL_S,
+            "clock_ticks_per_s": TICK,
         },
         "gateway_code": code,
         "machine": {
@@ -584,33 +969,14 @@ def measure(args: argparse.Namespace, scratch: str) -> int:
     }
     args.output.write_text(json.dumps(results, indent=2) + "\n")
     print(
-        f"\n{args.messages} messages of {args.size} bytes per run, median of {args.repeat} run(s); "
+        f"\n{args.messages} messages of {args.size} bytes per run, gateway with {args.workers} worker(s), median of "
+        f"{args.repeat} run(s); gateway msg/s when the last job was in Redis, Dovecot's when smtp-source was done; "
         "ratio = gateway / dovecot" + (" (gateway under cProfile: numbers not representative)" if profile_dir else "")
     )
     print(table(rows))
     print()
     for row in rows:
-        rates = " ".join(
-            f"{name}=[{', '.join(fmt(v) for v in row[name]['msgs_per_s_runs'])}]" for name in ("gateway", "dovecot")
-        )
-        gw_runs = [r for r in row["runs"] if r["server"] == "lmtp-gateway"]
-        drain = max((r["extra"].get("drain_after_last_250_s") or 0.0) for r in gw_runs)
-        cpu = median([r["extra"].get("cpu_ms_per_msg") for r in gw_runs])
-        busy = median([r["extra"].get("cpu_utilization") for r in gw_runs])
-        loop = median([r["extra"].get("cpu_main_thread_utilization") for r in gw_runs])
-        after = median([(r["extra"].get("after_250_ms") or {}).get("p50") for r in gw_runs])
-        machine_busy = {
-            server: median([r["extra"].get("machine_busy_cores") for r in row["runs"] if r["server"] == server])
-            for server in ("lmtp-gateway", "dovecot")
-        }
-        print(
-            f"  sessions={row['sessions']}: msg/s per run {rates}; after the 250 to Redis p50 {fmt(after, '.2f')} ms; "
-            f"gateway latency max "
-            f"{fmt(row['gateway']['latency_ms']['max'], '.1f')} ms, Redis drain after the last 250 <= {drain:.2f} s, "
-            f"CPU {fmt(cpu, '.2f')} ms/msg, {fmt(busy, '.2f')} cores busy (event-loop thread {fmt(loop, '.2f')}); "
-            f"the whole machine kept {fmt(machine_busy['lmtp-gateway'], '.2f')} of {os.cpu_count()} cores busy "
-            f"under the gateway, {fmt(machine_busy['dovecot'], '.2f')} under Dovecot"
-        )
+        print(describe(row))
     print(
         f"  load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs); "
         f"creating a file in {tempfile.gettempdir()}: {create_before:.0f} us before, {create_after:.0f} us after"
@@ -634,7 +1000,12 @@ def measure(args: argparse.Namespace, scratch: str) -> int:
     print(f"\nresults written to {args.output}")
     if profile_dir:
         print_profiles(
-            [Path(run["extra"]["profile"]) for row in rows for run in row["runs"] if "profile" in run["extra"]]
+            {
+                path: role
+                for row in rows
+                for run in row["runs"]
+                for path, role in run["extra"].get("profiles", {}).items()
+            }
         )
     return 0 if all(row["gateway"]["ok"] and row["dovecot"]["ok"] for row in rows) else 1
 
