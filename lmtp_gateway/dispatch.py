@@ -31,8 +31,10 @@ log = logging.getLogger(__name__)
 ACTIVE_WINDOW = 5000  # entries in memory at most (Postfix's qmgr_message_active_limit is 20 000, for smaller ones)
 RESCAN_SECONDS = 60.0  # look at pending/ for entries another process (replay, a collector) left there
 MIN_DEFERRED_SCAN_SECONDS = 1.0  # between two scans of deferred/, however many retries fall due in between
-CANARY_SECONDS = 5.0  # while a mailbox fails, it is really tried this often (the earliest deferred entry goes)
+CANARY_SECONDS = 5.0  # while a mailbox fails, it is really tried this often (the earliest deferred entry goes);
+# never more often than 5 backoff steps apart (a small backoff_base, as in tests, tries sooner)
 SUSPENDED = "delivery temporarily suspended"
+SUSPEND_AFTER = 3  # real attempts failed in a row before a mailbox counts as failing (one bad message does not)
 READ_INLINE = 32 * 1024  # a stored message this small is read on the event loop: cheaper than a thread round trip
 
 
@@ -104,6 +106,7 @@ class Dispatcher:
         self.rescan_seconds = RESCAN_SECONDS if rescan_seconds is None else rescan_seconds
         self.min_deferred_scan = min(min_deferred_scan, backoff_base)
         self._deferred_gap = self.min_deferred_scan
+        self.canary_seconds = min(CANARY_SECONDS, 5 * backoff_base)
         self._budget = ByteBudget(max_bytes_in_flight)
         self._ready: asyncio.Queue[tuple[Entry, bytes | None]] = asyncio.Queue()
         # The active window: id -> received_at of every entry handed in and not finished or deferred.
@@ -112,11 +115,12 @@ class Dispatcher:
         self._next_due: float | None = 0.0  # when a deferred entry falls due; None: nothing deferred
         self._wake = asyncio.Event()
         self._filled = asyncio.Event()  # the first refill is done: what waited at start is in the window
-        # Mailboxes whose last attempt failed for the time being: when one was last really tried, and why it failed.
-        # While failing, a mailbox gets one real attempt per CANARY_SECONDS; its other entries are deferred
+        # Mailboxes failing for the time being: when one was last really tried, and why it failed. While
+        # failing, a mailbox gets one real attempt per CANARY_SECONDS; its other entries are deferred
         # untried ("delivery temporarily suspended", as Postfix says of a dead destination): no connection
         # attempt and no read for each of a hundred thousand entries while Redis is down.
         self._failing: dict[str, tuple[float, str]] = {}
+        self._streak: dict[str, int] = {}  # real attempts failed in a row, per mailbox
         self._retry_all = False  # one of them answered again: every deferred entry is due
 
     # --- feeding ---
@@ -177,7 +181,7 @@ class Dispatcher:
         while True:
             self._wake.clear()
             now, monotonic = self.clock(), time.monotonic()
-            if self._failing and self._room() and monotonic - last_canary >= CANARY_SECONDS:
+            if self._failing and self._room() and monotonic - last_canary >= self.canary_seconds:
                 # One attempt tells whether a sink is back: on success, everything deferred goes (below).
                 last_canary = monotonic
                 first, _ = await asyncio.to_thread(self.journal.due, math.inf, 1)
@@ -214,7 +218,7 @@ class Dispatcher:
         now, monotonic = self.clock(), time.monotonic()
         wake_at = [last_rescan + self.rescan_seconds - monotonic]
         if self._failing:
-            wake_at.append(last_canary + CANARY_SECONDS - monotonic)
+            wake_at.append(last_canary + self.canary_seconds - monotonic)
         if self._next_due is not None:
             wake_at.append(max(self._next_due - now, last_deferred_scan + self._deferred_gap - monotonic))
         if (self._spilled or self._retry_all) and self._worth_refilling():
@@ -282,7 +286,7 @@ class Dispatcher:
             return None
         tried, reason = self._failing[entry.mailbox]
         now = time.monotonic()
-        if now - tried >= CANARY_SECONDS:
+        if now - tried >= self.canary_seconds:
             self._failing[entry.mailbox] = (now, reason)  # this one is the real attempt
             return None
         return reason if reason.startswith(SUSPENDED) else f"{SUSPENDED}: {reason}"
@@ -349,6 +353,7 @@ class Dispatcher:
                     },
                 )
                 self._done(entry)
+                self._streak.pop(entry.mailbox or "", None)
                 if entry.mailbox in self._failing:
                     del self._failing[entry.mailbox]
                     self._retry_all = True
@@ -383,10 +388,21 @@ class Dispatcher:
                 )
                 self._done(entry)
                 self._deferred_until(self.clock() + delay)
-                if entry.mailbox is not None:
-                    tried = self._failing.get(entry.mailbox, (time.monotonic(), ""))[0]
-                    self._failing[entry.mailbox] = (tried, reason)
-                self._retry_all = False  # something fails again: back to each entry's own time
+                if entry.mailbox is not None and not reason.startswith(SUSPENDED):
+                    self._failed(entry.mailbox, reason)
+
+    def _failed(self, mailbox: str, reason: str) -> None:
+        """A real attempt failed for the time being: SUSPEND_AFTER in a row, and the mailbox is failing."""
+        streak = self._streak[mailbox] = self._streak.get(mailbox, 0) + 1
+        if mailbox in self._failing:
+            self._failing[mailbox] = (self._failing[mailbox][0], reason)
+        elif streak >= SUSPEND_AFTER:
+            self._failing[mailbox] = (time.monotonic(), reason)
+            self._retry_all = False  # it fails again: back to each entry's own time
+            log.warning(
+                "%s: %d attempts failed in a row; one attempt every %.0f s until one succeeds: %s",
+                mailbox, streak, self.canary_seconds, reason, extra={"event": "suspended", "mailbox": mailbox},
+            )  # fmt: skip
 
     def _done(self, entry: Entry) -> None:
         self._known.pop(entry.id, None)

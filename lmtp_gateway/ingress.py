@@ -29,7 +29,7 @@ from lmtp_gateway.config import LmtpConfig
 from lmtp_gateway.errors import JournalError, storage_error_text
 from lmtp_gateway.intake import HEAD_LIMIT, Acceptance, Intake, Received
 from lmtp_gateway.journal import Journal, State
-from lmtp_gateway.listen import Address
+from lmtp_gateway.listen import Address, Server
 from lmtp_gateway.rules import RoutingTable, match_recipient
 from lmtp_gateway.smtp_adapter import LmtpAdapter
 
@@ -392,7 +392,7 @@ class LmtpServer:
         self.timeout = timeout
         self.sessions: set[LmtpSession] = set()
         self.session_idle = asyncio.Event()
-        self.servers: list[asyncio.Server] = []
+        self.servers: list[Server] = []
         self.addresses: list[str] = []
 
     # aiosmtpd hooks

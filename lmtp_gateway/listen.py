@@ -9,14 +9,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import grp
+import logging
 import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from lmtp_gateway.errors import ListenError, os_error_text
+
+log = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
 BACKLOG = 100  # asyncio's own default for its servers
@@ -109,12 +112,14 @@ class Address:
         socket_mode: int = 0o660,
         socket_group: str | None = None,
         listener: socket.socket | None = None,
-    ) -> tuple[asyncio.Server, Address]:
-        """Listen with `factory` making one protocol per connection, on `listener` (one bound elsewhere, such as
-        a worker's inherited socket) or a new one (see `bind`); returns the server and the address bound."""
-        if listener is None:
-            listener = self.bind(key=key, fix=fix, socket_mode=socket_mode, socket_group=socket_group)
+    ) -> tuple[Server, Address]:
+        """Listen with `factory` making one protocol per connection, on a new socket (see `bind`) or on
+        `listener`, a socket shared with other processes (a worker's, inherited from its supervisor), served
+        one connection at a time; returns the server and the address bound."""
         loop = asyncio.get_running_loop()
+        if listener is not None:
+            return SharedAcceptor(loop, factory, listener), self.bound(listener)
+        listener = self.bind(key=key, fix=fix, socket_mode=socket_mode, socket_group=socket_group)
         if listener.family == socket.AF_UNIX:
             server = await loop.create_unix_server(factory, sock=listener)
         else:
@@ -129,7 +134,7 @@ class Address:
         limit: int,
         fix: str | None = None,
         listener: socket.socket | None = None,
-    ) -> tuple[asyncio.Server, Address]:
+    ) -> tuple[Server, Address]:
         """As `serve`, for a handler that reads and writes streams (`asyncio.start_server`'s callback)."""
         loop = asyncio.get_running_loop()
 
@@ -145,3 +150,55 @@ class Address:
             with contextlib.suppress(OSError):
                 os.unlink(self.path)
 
+
+
+class Server(Protocol):
+    """What the listeners need of a server: asyncio's, or a SharedAcceptor."""
+
+    def close(self) -> None: ...
+
+    async def wait_closed(self) -> None: ...
+
+
+class SharedAcceptor:
+    """Serves a listening socket that other processes accept on too, taking one connection per turn.
+
+    asyncio's own server accepts up to its backlog (100) at each wake-up: with several workers on one socket the
+    first to wake takes a whole burst, and Postfix's cached LMTP connections then stay with it. Here each worker
+    takes one connection and lets the others have the next, so the sessions spread across the workers."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        factory: Callable[[], asyncio.BaseProtocol],
+        listener: socket.socket,
+    ) -> None:
+        listener.setblocking(False)
+        self.loop = loop
+        self.factory = factory
+        self.listener = listener
+        self.sockets = [listener]
+        self._task = loop.create_task(self._accept(), name=f"accept-{listener.fileno()}")
+
+    async def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = await self.loop.sock_accept(self.listener)
+            except OSError as error:  # out of descriptors (EMFILE), a connection reset before its accept…
+                log.error("accept on %s: %s", self.listener.getsockname(), os_error_text(error))
+                await asyncio.sleep(0.1)
+                continue
+            try:
+                await self.loop.connect_accepted_socket(self.factory, connection)
+            except Exception:  # the session could not start: that client is gone, the others go on
+                log.exception("cannot start a session")
+                connection.close()
+            await asyncio.sleep(0)  # the next connection is another worker's to take, if it is waiting
+
+    def close(self) -> None:
+        self._task.cancel()
+        self.listener.close()
+
+    async def wait_closed(self) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task

@@ -17,7 +17,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 
-from lmtp_gateway.listen import Address
+from lmtp_gateway.listen import Address, Server
 from lmtp_gateway.logs import redact_urls
 from lmtp_gateway.metrics import CONTENT_TYPE, Metrics
 
@@ -87,7 +87,7 @@ class OpsServer:
         self.ready = ready
         self.warnings = warnings  # worth an admin's look, but no reason to stop sending mail here
         self.timeout = timeout
-        self.server: asyncio.Server | None = None
+        self.server: Server | None = None
         self.address: str | None = None
 
     async def listen(self, spec: str, *, key: str = "monitoring.listen", listener: socket.socket | None = None) -> str:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import REPLY_RCPT, GatewayProcess, gateway_yaml, tmp_leftovers
@@ -80,8 +80,21 @@ def session(address: tuple[str, int], script: bytes, cuts: list[int]) -> list[by
     return received.split(b"\r\n")[:-1]
 
 
+# Each path the closing test looks for, reached whatever the random examples do.
+EVERY_PATH = [
+    b"MAIL FROM:<a@example.org>\r\nRCPT TO:<" + REPLY_RCPT.encode() + b">\r\nDATA\r\nSubject: x\r\n\r\nhi",
+    b"MAIL FROM:<a@example.org>\r\nRCPT TO:<nobody@incoming.test>",
+    b"MAIL FROM:<a@example.org>\r\nRCPT TO:<incoming+\xc3\x28@incoming.test>",
+    b"MAIL FROM:<a@example.org>\r\nRCPT TO:<" + REPLY_RCPT.encode() + b">\r\nDATA\r\nX-Long: " + b"y" * 1200,
+]
+
+
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(st.lists(commands, min_size=1, max_size=12), st.lists(st.integers(0, 4000), max_size=6))
+@example(EVERY_PATH[:1], []).via("a queued copy")
+@example(EVERY_PATH[1:2], []).via("a refusal at RCPT")
+@example(EVERY_PATH[2:3], []).via("an address that is not UTF-8")
+@example(EVERY_PATH[3:], [100]).via("a line too long")
 def test_any_input_gets_answers_and_never_an_internal_error(
     serve: tuple[GatewayProcess, Path], script_commands: list[bytes], cuts: list[int]
 ) -> None:

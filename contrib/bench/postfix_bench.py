@@ -57,6 +57,7 @@ from common import (
     gateway_script,
     greets,
     queued_jobs,
+    read_journal,
     summarize,
 )
 from scratch import CHOICES, measure_on_scratch
@@ -592,15 +593,15 @@ def check_gateway(redis: RedisServer, spool: Path, expected: int, leg: Leg) -> N
     length = len(jobs)
     jids = {job.get("jid") for job in jobs}
     wrong_class = sum(job.get("class") != WORKER for job in jobs)
-    journal = {
-        state: len(list((spool / state).glob("*.json"))) for state in ("pending", "delivered", "dropped", "failed")
-    }
-    leg.extra.update(jobs=length, distinct_jids=len(jids), journal=journal)
+    contents = read_journal(spool)  # every worker's shard
+    journal = contents.counts
+    leg.extra.update(jobs=length, distinct_jids=len(jids), journal=journal, journal_shards=contents.per_shard)
     if len(jids) != expected or length != expected:
         leg.errors.append(f"{length} jobs with {len(jids)} distinct jids, expected {expected} (warm-up included)")
     if wrong_class:
         leg.errors.append(f"{wrong_class} jobs are not {WORKER}")
-    if journal["delivered"] != expected or journal["pending"] or journal["failed"]:
+    waiting = journal["pending"] + journal.get("deferred", 0)
+    if journal["delivered"] != expected or waiting or journal["failed"] or contents.distinct_ids != contents.entries:
         leg.errors.append(f"journal {journal}, expected {expected} delivered and nothing else")
 
 
