@@ -23,7 +23,7 @@ from . import (
     wait_until,
 )
 
-__all__ = ["RedisError", "RedisServer", "RespValue"]
+__all__ = ["RedisError", "RedisServer", "RespValue", "parse_info", "resp_command"]
 
 RespValue: TypeAlias = bytes | int | list["RespValue"] | None
 
@@ -140,12 +140,25 @@ class RedisServer(ChildServer):
         :class:`RedisError`. Meant for test set-up and assertions
         (``FLUSHALL``, ``GET``, ``DBSIZE``), not for speed.
         """
-        parts = [a if isinstance(a, bytes) else str(a).encode() for a in args]
-        payload = b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
-        with socket.create_connection((self.host, self.port), timeout) as s:
-            s.sendall(payload)
-            with s.makefile("rb") as reader:
-                return _read_reply(reader)
+        return resp_command(self.host, self.port, *args, timeout=timeout)
+
+    def info(self, section: str = "replication") -> dict[str, str]:
+        """``INFO section`` as a dict (``role``, ``connected_slaves``, ``master_link_status``...)."""
+        return parse_info(self.command("INFO", section))
+
+    def crash(self) -> None:
+        """SIGKILL the server, as a crash would; its directory stays, ``start()`` brings it back on the same
+        port (empty: no persistence)."""
+        self._kill(graceful=False)
+
+    def configure(self, **directives: str) -> None:
+        """Set redis.conf directives for the next ``start()`` (``replicaof="127.0.0.1 6379"``); an empty value
+        removes the directive."""
+        for key, value in directives.items():
+            if value:
+                self._extra_config[key] = value
+            else:
+                self._extra_config.pop(key, None)
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
@@ -183,6 +196,24 @@ class RedisServer(ChildServer):
             return "Address already in use" in self.log_path.read_text()
         except OSError:
             return False
+
+
+def resp_command(host: str, port: int, *args: str | bytes | int, timeout: float = 5.0) -> RespValue:
+    """Run one command over a fresh connection to ``host:port`` (a Redis or a Sentinel) and return the reply."""
+    parts = [a if isinstance(a, bytes) else str(a).encode() for a in args]
+    payload = b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
+    with socket.create_connection((host, port), timeout) as s:
+        s.sendall(payload)
+        with s.makefile("rb") as reader:
+            return _read_reply(reader)
+
+
+def parse_info(reply: RespValue) -> dict[str, str]:
+    """The ``key:value`` lines of an ``INFO`` reply."""
+    if not isinstance(reply, bytes):
+        raise RedisError(f"INFO: unexpected reply {reply!r}")
+    lines = reply.decode(errors="replace").splitlines()
+    return dict(line.split(":", 1) for line in lines if ":" in line and not line.startswith("#"))
 
 
 def _read_reply(reader: IO[bytes]) -> RespValue:
