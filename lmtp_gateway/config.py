@@ -182,6 +182,33 @@ def _sentinels(value: Any) -> tuple[tuple[str, int], ...]:
     return tuple(result)
 
 
+def _replicas_to_wait(value: Any) -> int | str:
+    """redis.replicas_to_wait: "auto" or how many replicas must hold a job before it counts as delivered."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        number = _integer(value)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise ValueError(f"expected auto or a whole number of replicas (0: never wait), got {_kind(value)}")
+    return number
+
+
+_WAIT_TIMEOUT = re.compile(r"(?i)\s*(\d+(?:\.\d+)?)\s*(ms|s)?\s*")
+MAX_REPLICA_WAIT = 60.0
+
+
+def _replica_wait_timeout(value: Any) -> float:
+    """Seconds from ``2``, ``2s``, ``500ms`` or ``0.5``: from 1ms (WAIT counts in milliseconds, and 0 would wait
+    for ever) to a minute (a delivery worker waits meanwhile)."""
+    found = None if isinstance(value, bool) else _WAIT_TIMEOUT.fullmatch(str(value))
+    seconds = float(found[1]) / (1000 if (found[2] or "").lower() == "ms" else 1) if found else 0.0
+    if not 0.001 <= seconds <= MAX_REPLICA_WAIT:
+        raise ValueError(f"expected a time from 1ms to 60s, such as 2s or 500ms; got {_kind(value)}")
+    return seconds
+
+
 def _kind(value: Any) -> str:
     if value is None:
         return "nothing"
@@ -271,6 +298,8 @@ SCHEMA: Schema = {
             "queue": _string,
             "namespace": _string,
             "timestamp_style": _choice(*TIMESTAMP_STYLES),
+            "replicas_to_wait": _replicas_to_wait,
+            "replica_wait_timeout": _replica_wait_timeout,
         }
     ),
     "policy": {"listen": _addresses},
@@ -354,6 +383,11 @@ class RedisConfig:
     queue: str = "default"
     namespace: str = ""  # "resque:gitlab" for GitLab releases that still namespaced Sidekiq
     timestamp_style: str = "sidekiq7"
+    # How many replicas must hold a job (Redis WAIT) before it counts as delivered; with fewer connected, none is
+    # written. "auto": with sentinels every replica Sentinel sees up (it may promote any of them), without them
+    # one when the master has a replica; 0: never wait.
+    replicas_to_wait: int | str = "auto"
+    replica_wait_timeout: float = 2.0  # seconds for the replicas' acknowledgement; late, the push is retried
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ import httpx
 import jwt
 import redis.asyncio as aioredis
 import redis.exceptions
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 
 from lmtp_gateway.config import Config, MailboxConfig, RedisConfig
 from lmtp_gateway.errors import ConfigError
@@ -70,19 +70,31 @@ class Sink(Protocol):
 
 WORKERS = {INCOMING_EMAIL: "EmailReceiverWorker", SERVICE_DESK_EMAIL: "ServiceDeskEmailReceiverWorker"}
 WORKER_RETRY = 3  # what both GitLab workers declare in sidekiq_options; Sidekiq's own client would send it
+SENTINEL_REFRESH_SECONDS = 30.0  # how often a Sidekiq sink asks Sentinel which replicas are up
 
 # Atomic "push once": the dedupe key and the job go in together or not at all, so neither a Postfix retry nor
-# a crash between the push and the journal's bookkeeping can make a second job.
-# ARGV: ttl, queue, job, jid, force ("1" pushes again even when the key exists: an admin's replay).
+# a crash between the push and the journal's bookkeeping can make a second job. A push found done refreshes the
+# key all the same: a write later than the first push, so that the WAIT after it covers the first push also on
+# a Redis that counts from the connection's last write rather than its last command. Nothing is written while
+# the master has fewer connected replicas than ARGV[6]: a master Sentinel has just replaced has none, and a job
+# left there could be lost with it, or run there and again once the retry pushes it to the new master.
+# The answer: {1 pushed, 0 found done, -1 not written; the master's connected replicas}.
+# ARGV: ttl, queue, job, jid, force ("1" pushes again even when the key exists: an admin's replay), replicas.
 _PUSH_ONCE = """
+local replication = redis.call('INFO', 'replication')
+local replicas = tonumber(string.match(replication, 'connected_slaves:(%d+)')) or 0
+if replicas < tonumber(ARGV[6]) then return {-1, replicas} end
 local fresh = redis.call('SET', KEYS[1], ARGV[4], 'NX', 'EX', tonumber(ARGV[1]))
-if not fresh then
-  if ARGV[5] ~= '1' then return 0 end
+local pushed = 0
+if fresh or ARGV[5] == '1' then
+  if not fresh then redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1])) end
+  redis.call('SADD', KEYS[2], ARGV[2])
+  redis.call('LPUSH', KEYS[3], ARGV[3])
+  pushed = 1
+else
   redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1]))
 end
-redis.call('SADD', KEYS[2], ARGV[2])
-redis.call('LPUSH', KEYS[3], ARGV[3])
-return 1
+return {pushed, replicas}
 """
 
 
@@ -102,7 +114,9 @@ def sidekiq_job(worker: str, queue: str, raw: bytes, jid: str, style: str, now: 
 
 def redis_client(settings: RedisConfig) -> aioredis.Redis:
     """A client for GitLab's queues Redis: a plain URL, or Sentinel with the master name as the URL's host."""
-    options = {"socket_timeout": 5.0, "socket_connect_timeout": 3.0, "health_check_interval": 30}
+    # A push may wait for the replicas' acknowledgement (WAIT) before Redis answers it
+    socket_timeout = 5.0 + settings.replica_wait_timeout
+    options = {"socket_timeout": socket_timeout, "socket_connect_timeout": 3.0, "health_check_interval": 30}
     if not settings.sentinels:
         return aioredis.Redis.from_url(settings.url, **options)
     url = urlsplit(settings.url)
@@ -128,6 +142,13 @@ def redis_problem(error: BaseException) -> str:
 
 
 class SidekiqSink:
+    """Pushes each entry once as a job (see _PUSH_ONCE). Redis replicates asynchronously: a job only the master
+    holds is lost if a replica is promoted before it arrives, and Sentinel, after promoting one, lets the old
+    master take writes for seconds before demoting it and wiping them. So, as `redis.replicas_to_wait` says,
+    a job is written only on a master with that many replicas, and counts as delivered only once they
+    acknowledge it (Redis WAIT, sent in the same round trip as the push); until then it is a temporary failure,
+    and the retry finds the job (or pushes it to the new master) and waits again."""
+
     name = "sidekiq"
 
     def __init__(self, mailbox: str, settings: RedisConfig, client: aioredis.Redis, ttl: int) -> None:
@@ -141,31 +162,136 @@ class SidekiqSink:
         self.dedupe_prefix = f"{prefix}lmtp-gateway:delivered:"
         self.probe_key = f"{prefix}lmtp-gateway:probe:{socket.gethostname()}"
         self._push = client.register_script(_PUSH_ONCE)
+        self.wait_ms = max(1, round(settings.replica_wait_timeout * 1000))
+        # The master's connected replicas at the last push (None: not asked yet). It only decides whether the
+        # WAIT goes along with the next push; what counts is what the master says with each push.
+        self.replicas_seen: int | None = None
+        # The master's replicas Sentinel sees up (None: not known yet), and when it was last asked
+        self.sentinel_replicas: int | None = None
+        self._sentinel_asked = -SENTINEL_REFRESH_SECONDS
+
+    @property
+    def replicas_required(self) -> int:
+        """Replicas the master must have before a job is written at all: the number asked for; with "auto" and
+        Sentinel, every replica Sentinel sees up (it may promote any of them; one until it has said); none
+        without Sentinel."""
+        wanted = self.settings.replicas_to_wait
+        if isinstance(wanted, int):
+            return wanted
+        if not self.settings.sentinels:
+            return 0
+        return 1 if self.sentinel_replicas is None else self.sentinel_replicas
+
+    def replicas_needed(self, connected: int) -> int:
+        """How many replicas must acknowledge a job, the master having `connected` replicas."""
+        return max(self.replicas_required, 1 if self.settings.replicas_to_wait == "auto" and connected else 0)
+
+    async def _wait_along(self) -> int:
+        """How many replicas to WAIT for in the push's round trip: none when the master had too few at the last
+        push (the push is then answered at once); before the first push, the master is asked."""
+        if self.settings.replicas_to_wait == 0:
+            return 0
+        seen = self.replicas_seen
+        if seen is None:
+            try:
+                seen = int((await self.client.info("replication")).get("connected_slaves", 0))
+            except (TimeoutError, redis.exceptions.RedisError, OSError, ValueError):
+                seen = 0  # the push itself will tell
+        needed = self.replicas_needed(seen)
+        return needed if 0 < needed <= seen else 0
+
+    async def _ask_sentinel(self, *, soon: bool = False) -> None:
+        """Learn how many of the master's replicas Sentinel sees up (not down, not disconnected), every
+        SENTINEL_REFRESH_SECONDS, or after a second when `soon`. Unanswered, the last answer stands."""
+        pool = self.client.connection_pool
+        if self.settings.replicas_to_wait != "auto" or not isinstance(pool, SentinelConnectionPool):
+            return
+        if time.monotonic() - self._sentinel_asked < (1.0 if soon else SENTINEL_REFRESH_SECONDS):
+            return
+        self._sentinel_asked = time.monotonic()
+        for sentinel in pool.sentinel_manager.sentinels:
+            with contextlib.suppress(TimeoutError, redis.exceptions.RedisError, OSError, KeyError, TypeError):
+                replicas = await sentinel.sentinel_slaves(pool.service_name)
+                down = ("is_sdown", "is_odown", "is_disconnected")
+                self.sentinel_replicas = sum(not any(replica[flag] for flag in down) for replica in replicas)
+                return
 
     async def deliver(self, entry: Entry, raw: bytes, *, force: bool = False) -> Outcome:
+        await self._ask_sentinel()
         job = sidekiq_job(self.worker, self.settings.queue, raw, entry.id, self.settings.timestamp_style, time.time())
+        keys = [self.dedupe_prefix + entry.fingerprint, self.queues_key, self.queue_key]
+        job_text = json.dumps(job, ensure_ascii=False)
+        args = [self.ttl, self.settings.queue, job_text, entry.id, int(force), self.replicas_required]
+        wait = await self._wait_along()
         try:
-            pushed = await self._push(
-                keys=[self.dedupe_prefix + entry.fingerprint, self.queues_key, self.queue_key],
-                args=[self.ttl, self.settings.queue, json.dumps(job, ensure_ascii=False), entry.id, int(force)],
-            )
+            if wait:
+                # One connection, one round trip: WAIT counts the replicas that have this connection's last
+                # write. Retried on a new connection, the pipeline sends both again: the WAIT follows a write.
+                async with self.client.pipeline(transaction=False) as pipe:
+                    pipe.eval(_PUSH_ONCE, len(keys), *keys, *args)
+                    pipe.execute_command("WAIT", wait, self.wait_ms)
+                    answers = await pipe.execute()
+            else:
+                answers = [await self._push(keys=keys, args=args)]
         except (TimeoutError, redis.exceptions.RedisError, OSError) as error:
             return Transient(redis_problem(error))
-        return Delivered("pushed" if pushed else "already in Redis (dedupe)")
+        pushed, connected = (int(value) for value in answers[0])
+        self.replicas_seen = connected
+        needed = self.replicas_needed(connected)
+        if pushed < 0:
+            if self.settings.sentinels:
+                await self._follow_sentinel()
+            return Transient(
+                f"redis: not written: the master has {connected} connected replicas and {needed} must hold each job"
+            )
+        detail = "pushed" if pushed else "already in Redis (dedupe)"
+        if not needed:
+            return Delivered(detail)
+        if wait < needed:
+            return Transient("redis: job written; the master has replicas again, the retry waits for them")
+        acknowledged = int(answers[1])
+        if acknowledged < needed:
+            return Transient(
+                f"redis: job written, but {acknowledged} of the {needed} replicas needed acknowledged it within "
+                f"{self.settings.replica_wait_timeout:g}s"
+            )
+        return Delivered(f"{detail}, on {acknowledged} replica{'s' if acknowledged > 1 else ''}")
+
+    async def _follow_sentinel(self) -> None:
+        """A master without its replicas may be one Sentinel has just replaced: ask Sentinel where the master is,
+        so that the client drops its connections to the old one and the retry goes to the new one, and which
+        replicas it sees up (a crashed one no longer counts)."""
+        pool = self.client.connection_pool
+        if isinstance(pool, SentinelConnectionPool):
+            with contextlib.suppress(TimeoutError, redis.exceptions.RedisError, OSError):
+                await pool.get_master_address()
+            await self._ask_sentinel(soon=True)
 
     async def probe(self, *, queue: bool = True) -> str | None:
         """Reachable and writable, as a push needs it, without touching a job: a short-lived SET beside the dedupe
         keys (fails on a read-only replica, when Redis is out of memory or an ACL forbids it) and an LTRIM that
         keeps the whole queue (fails if the queue key holds something other than a list, or is not writable).
-        `queue=False` leaves the queue alone: collectors arbitrating there write keys only."""
+        `queue=False` leaves the queue alone: collectors arbitrating there write keys only. With the queue, the
+        master must also have the replicas `redis.replicas_to_wait` asks for: without them no push counts."""
+        if queue:
+            await self._ask_sentinel()
         try:
             async with self.client.pipeline(transaction=False) as pipe:
                 pipe.set(self.probe_key, "1", ex=60)
                 if queue:
                     pipe.ltrim(self.queue_key, 0, -1)
-                await pipe.execute()
+                    pipe.info("replication")
+                answers = await pipe.execute()
         except (TimeoutError, redis.exceptions.RedisError, OSError) as error:
             return redis_problem(error)
+        if queue:
+            connected = int(answers[-1].get("connected_slaves", 0))
+            needed = self.replicas_needed(connected)
+            if connected < needed:
+                return (
+                    f"redis: the master has {connected} connected replicas and {needed} must hold each job "
+                    "(redis.replicas_to_wait): deliveries wait"
+                )
         return None
 
 
