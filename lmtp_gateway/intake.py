@@ -22,6 +22,7 @@ from lmtp_gateway.dispatch import Dispatcher
 from lmtp_gateway.eightbit import for_gitlab, is_utf8
 from lmtp_gateway.headers import Header, header_start, read_header
 from lmtp_gateway.journal import ID_LENGTH, Draft, Entry, Journal, State, envelope_headers, fingerprint
+from lmtp_gateway.journal.store import DEDUPE_STATES
 from lmtp_gateway.metrics import Metrics
 from lmtp_gateway.rules import REASON_BLANK, RoutingTable, Verdict, copy_verdict, gitlab_verdict, match_recipient, route
 
@@ -150,11 +151,12 @@ class Intake:
     def _find(self, entry_id: str, drafts: list[Draft]) -> tuple[Entry | None, bool]:
         """The entry with this id, and whether it is this journal's: in this transaction's drafts, this journal,
         or (not this journal's) another worker's shard."""
-        found = next((d.entry for d in drafts if d.entry.id == entry_id), None) or self.journal.find(entry_id)
+        found = next((d.entry for d in drafts if d.entry.id == entry_id), None)
+        found = found or self.journal.find(entry_id, DEDUPE_STATES)
         if found is not None:
             return found, True
         for sibling in self.siblings:
-            found = sibling.find(entry_id)
+            found = sibling.find(entry_id, DEDUPE_STATES)
             if found is not None:
                 return found, False
         return None, True

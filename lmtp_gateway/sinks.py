@@ -18,7 +18,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import httpx
@@ -141,6 +141,19 @@ def redis_problem(error: BaseException) -> str:
     return f"redis: {type(error).__name__}: {error}"
 
 
+PUSHES_PER_ROUND_TRIP = 64  # jobs of up to 25 MB each are bounded by the dispatcher's bytes in flight
+
+
+@dataclass
+class _Push:
+    """One job on its way: the script's keys and arguments, the replicas to WAIT for, the caller's future."""
+
+    keys: list[str]
+    args: list[Any]
+    wait: int
+    answer: asyncio.Future[tuple[Any, int | None]]
+
+
 class SidekiqSink:
     """Pushes each entry once as a job (see _PUSH_ONCE). Redis replicates asynchronously: a job only the master
     holds is lost if a replica is promoted before it arrives, and Sentinel, after promoting one, lets the old
@@ -161,7 +174,10 @@ class SidekiqSink:
         self.queue_key = f"{prefix}queue:{settings.queue}"
         self.dedupe_prefix = f"{prefix}lmtp-gateway:delivered:"
         self.probe_key = f"{prefix}lmtp-gateway:probe:{socket.gethostname()}"
-        self._push = client.register_script(_PUSH_ONCE)
+        # Pushes that wait to be sent, and the task sending them: one pipeline at a time, carrying every push
+        # that arrived meanwhile (as the journal's group commit does): one round trip for many jobs under load.
+        self._waiting: list[_Push] = []
+        self._sending: asyncio.Task[None] | None = None
         self.wait_ms = max(1, round(settings.replica_wait_timeout * 1000))
         # The master's connected replicas at the last push (None: not asked yet). It only decides whether the
         # WAIT goes along with the next push; what counts is what the master says with each push.
@@ -224,18 +240,12 @@ class SidekiqSink:
         args = [self.ttl, self.settings.queue, job_text, entry.id, int(force), self.replicas_required]
         wait = await self._wait_along()
         try:
-            if wait:
-                # One connection, one round trip: WAIT counts the replicas that have this connection's last
-                # write. Retried on a new connection, the pipeline sends both again: the WAIT follows a write.
-                async with self.client.pipeline(transaction=False) as pipe:
-                    pipe.eval(_PUSH_ONCE, len(keys), *keys, *args)
-                    pipe.execute_command("WAIT", wait, self.wait_ms)
-                    answers = await pipe.execute()
-            else:
-                answers = [await self._push(keys=keys, args=args)]
+            answer, acknowledged = await self._send(_Push(keys, args, wait, asyncio.get_running_loop().create_future()))
         except (TimeoutError, redis.exceptions.RedisError, OSError) as error:
             return Transient(redis_problem(error))
-        pushed, connected = (int(value) for value in answers[0])
+        if isinstance(answer, Exception):
+            return Transient(redis_problem(answer))
+        pushed, connected = (int(value) for value in answer)
         self.replicas_seen = connected
         needed = self.replicas_needed(connected)
         if pushed < 0:
@@ -249,13 +259,44 @@ class SidekiqSink:
             return Delivered(detail)
         if wait < needed:
             return Transient("redis: job written; the master has replicas again, the retry waits for them")
-        acknowledged = int(answers[1])
+        acknowledged = acknowledged or 0
         if acknowledged < needed:
             return Transient(
                 f"redis: job written, but {acknowledged} of the {needed} replicas needed acknowledged it within "
                 f"{self.settings.replica_wait_timeout:g}s"
             )
         return Delivered(f"{detail}, on {acknowledged} replica{'s' if acknowledged > 1 else ''}")
+
+    async def _send(self, push: _Push) -> tuple[Any, int | None]:
+        """The script's answer for `push` (or the error Redis gave for it) and, when a WAIT went along, how many
+        replicas acknowledged the pipeline's writes."""
+        self._waiting.append(push)
+        if self._sending is None or self._sending.done():
+            self._sending = asyncio.create_task(self._send_waiting(), name="sidekiq-push")
+        return await push.answer
+
+    async def _send_waiting(self) -> None:
+        while self._waiting:
+            batch, self._waiting = self._waiting[:PUSHES_PER_ROUND_TRIP], self._waiting[PUSHES_PER_ROUND_TRIP:]
+            wait = max(push.wait for push in batch)
+            try:
+                # One connection, one round trip: WAIT counts the replicas that have this connection's writes.
+                # Retried on a new connection, the pipeline sends all again: the WAIT follows the writes.
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for push in batch:
+                        pipe.eval(_PUSH_ONCE, len(push.keys), *push.keys, *push.args)
+                    if wait:
+                        pipe.execute_command("WAIT", wait, self.wait_ms)
+                    answers = await pipe.execute(raise_on_error=False)
+            except (TimeoutError, redis.exceptions.RedisError, OSError) as error:
+                for push in batch:
+                    if not push.answer.done():
+                        push.answer.set_exception(error)
+                continue
+            acknowledged = answers[-1] if wait and not isinstance(answers[-1], Exception) else None
+            for push, answer in zip(batch, answers, strict=False):
+                if not push.answer.done():
+                    push.answer.set_result((answer, None if acknowledged is None else int(acknowledged)))
 
     async def _follow_sentinel(self) -> None:
         """A master without its replicas may be one Sentinel has just replaced: ask Sentinel where the master is,

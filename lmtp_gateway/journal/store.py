@@ -22,6 +22,11 @@ from lmtp_gateway.journal.writer import Flushable, IOThread, start_writeback, wr
 log = logging.getLogger(__name__)
 
 QUARANTINE = "quarantine"
+# Where the dedupe look-up searches: an entry on its way or delivered. A copy dropped or failed answers a retry
+# the same way, but only a message received twice with no answer in between (Postfix saw none) is looked for
+# there, and a second dropped or dead entry of it delivers nothing twice. Each directory searched costs a look-up
+# that waits for the journal's writes to that directory.
+DEDUPE_STATES = (State.PENDING, State.DEFERRED, State.DELIVERED)
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 
 
@@ -117,13 +122,13 @@ class Journal:
         except OSError as error:
             raise JournalError(storage_error_text(error)) from error
 
-    def find(self, entry_id: str) -> Entry | None:
-        """The entry with this id in any state (the dedupe look-up): a name look-up per state directory, so its
-        cost does not grow with the entries kept. Done twice for every copy received, and nearly always a miss:
-        an access(2) per directory, no exception, no path objects."""
+    def find(self, entry_id: str, states: tuple[State, ...] = tuple(State)) -> Entry | None:
+        """The entry with this id in one of `states`: a name look-up per state directory, so its cost does not
+        grow with the entries kept. The dedupe look-up is done twice for every copy received, and nearly always
+        a miss: an access(2) per directory, no exception, no path objects."""
         name = f"/{entry_id}.json"
-        for state, directory in self._state_names.items():
-            path = directory + name
+        for state in states:
+            path = self._state_names[state] + name
             if os.access(path, os.F_OK):
                 with contextlib.suppress(FileNotFoundError, ValueError, TypeError, OSError):
                     entry = Entry.from_json(Path(path).read_bytes())
