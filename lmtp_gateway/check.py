@@ -163,13 +163,12 @@ async def check_redis(context: Context) -> list[Result]:
             await client.aclose()
     where = redis_description(config)
     if problem:
-        return [
-            Result(
-                "fail",
-                f"Redis {where}: {problem}",
-                "start Redis, or set redis.url (or redis.sentinels) to GitLab's Redis for queues",
-            )
-        ]
+        fix = (
+            "bring the master's replicas back (or let Sentinel finish its failover), or lower redis.replicas_to_wait"
+            if "replicas" in problem
+            else "start Redis, or set redis.url (or redis.sentinels) to GitLab's Redis for queues"
+        )
+        return [Result("fail", f"Redis {where}: {problem}", fix)]
     if not users:
         return [Result("ok", f"Redis {where}: reachable and writable (collector arbitration)")]
     return [Result("ok", f"Redis {where}: reachable, {sink.queue_key} writable")]
