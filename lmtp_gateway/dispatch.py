@@ -19,7 +19,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
 from lmtp_gateway.journal import WAITING, DamagedEntry, Entry, Journal, State
@@ -75,6 +75,31 @@ class ByteBudget:
                 self._changed.notify_all()
 
 
+class _Cursor:
+    """A listing of one state directory, read on from refill to refill: a long directory is read once per pass,
+    not once per refill (ext4 never shrinks a directory: a fresh listing reads every block it ever had). Names
+    that come and go meanwhile may be missed or seen twice; the next pass, or the due-time scan, finds them."""
+
+    def __init__(self, journal: Journal, state: State) -> None:
+        self.journal = journal
+        self.state = state
+        self._names: Iterator[str] | None = None
+
+    def take(self, limit: int, skip: Callable[[str], bool]) -> tuple[list[str], bool]:
+        """Up to `limit` ids that `skip` does not rule out, and whether the listing goes on (in a thread)."""
+        names = self._names if self._names is not None else self.journal.iter_ids(self.state)
+        found: list[str] = []
+        for entry_id in names:
+            if skip(entry_id):
+                continue
+            found.append(entry_id)
+            if len(found) >= limit:
+                self._names = names
+                return found, True
+        self._names = None
+        return found, False
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -114,6 +139,7 @@ class Dispatcher:
         self._spilled = True  # pending/ may hold entries that are not in the window (at start: all of them)
         self._next_due: float | None = 0.0  # when a deferred entry falls due; None: nothing deferred
         self._wake = asyncio.Event()
+        self._pending, self._deferred = _Cursor(journal, State.PENDING), _Cursor(journal, State.DEFERRED)
         self._filled = asyncio.Event()  # the first refill is done: what waited at start is in the window
         # Mailboxes failing for the time being: when one was last really tried, and why it failed. While
         # failing, a mailbox gets one real attempt per CANARY_SECONDS; its other entries are deferred
@@ -188,9 +214,7 @@ class Dispatcher:
                 self._admit(await asyncio.to_thread(self.journal.load_all, State.DEFERRED, first))
             if self._retry_all and self._worth_refilling():
                 # A sink answers again after failing: what waits for it goes now, not at its backoff's end.
-                due, more = await asyncio.to_thread(
-                    self.journal.first_ids, State.DEFERRED, self._room(), self._in_hand  # names only: no times
-                )
+                due, more = await asyncio.to_thread(self._deferred.take, self._room(), self._in_hand)  # no times
                 if not more:
                     self._retry_all, self._next_due = False, 0.0  # all taken: back to due times
                 self._admit(await asyncio.to_thread(self.journal.load_all, State.DEFERRED, due))
@@ -204,10 +228,8 @@ class Dispatcher:
             rescan_due = monotonic - last_rescan >= self.rescan_seconds
             if (self._spilled and self._worth_refilling()) or (rescan_due and self._room()):
                 last_rescan, self._spilled = monotonic, False  # a submit during the scan spills again
-                unknown, more = await asyncio.to_thread(
-                    # A commit under way has its files in pending/ before they are durable (and before its 250).
-                    self.journal.first_ids, State.PENDING, self._room(), self._in_hand
-                )
+                # A commit under way has its files in pending/ before they are durable (and before its 250).
+                unknown, more = await asyncio.to_thread(self._pending.take, self._room(), self._in_hand)
                 self._spilled = self._spilled or more
                 self._admit(await asyncio.to_thread(self.journal.load_all, State.PENDING, unknown))
             self._filled.set()
@@ -264,7 +286,7 @@ class Dispatcher:
             try:
                 suspended = self._suspended(entry)
                 if suspended is not None:
-                    await self._record(entry, Transient(suspended))
+                    await self._set_aside_untried(entry)
                     continue
                 async with self._budget.hold(entry.stored_size or entry.size):
                     if raw is None:
@@ -280,6 +302,16 @@ class Dispatcher:
                 asyncio.get_running_loop().call_later(self.backoff_cap, self._ready.put_nowait, (entry, None))
             finally:
                 self._ready.task_done()
+
+    async def _set_aside_untried(self, entry: Entry) -> None:
+        """Its mailbox is failing: into deferred/ for the backoff's cap, untried and uncounted; the canary's
+        success brings it back sooner. One debug line: the failing mailbox has its warnings."""
+        delay = backoff_delay(1, self.backoff_cap, self.backoff_cap)
+        await self.journal.defer(entry, self.clock() + delay, tried=False)
+        log.debug("%s", SUSPENDED, extra={"event": "deferred", "journal_id": entry.id, "mailbox": entry.mailbox})
+        self._done(entry)
+        self._deferred_until(self.clock() + delay)
+
     def _suspended(self, entry: Entry) -> str | None:
         """Why `entry` is not tried now (its mailbox failed a moment ago), or None: go ahead."""
         if entry.mailbox not in self._failing:
@@ -289,7 +321,7 @@ class Dispatcher:
         if now - tried >= self.canary_seconds:
             self._failing[entry.mailbox] = (now, reason)  # this one is the real attempt
             return None
-        return reason if reason.startswith(SUSPENDED) else f"{SUSPENDED}: {reason}"
+        return f"{SUSPENDED}: {reason}"
 
     async def _read(self, entry: Entry) -> bytes | None:
         """The stored message, checked whole; None when there is nothing to deliver. A damaged entry is set aside
@@ -374,9 +406,6 @@ class Dispatcher:
                 self._done(entry)
             case Transient(reason, _):
                 delay = backoff_delay(entry.attempts, self.backoff_base, self.backoff_cap)
-                if reason.startswith(SUSPENDED):
-                    # Untried: the canary and the recovery that follows it bring it back, not its own time.
-                    delay = backoff_delay(1, self.backoff_cap, self.backoff_cap)
                 entry.last_error = reason
                 await self.journal.defer(entry, self.clock() + delay)
                 self.stats.transient += 1
@@ -388,7 +417,7 @@ class Dispatcher:
                 )
                 self._done(entry)
                 self._deferred_until(self.clock() + delay)
-                if entry.mailbox is not None and not reason.startswith(SUSPENDED):
+                if entry.mailbox is not None:
                     self._failed(entry.mailbox, reason)
 
     def _failed(self, mailbox: str, reason: str) -> None:

@@ -86,9 +86,28 @@ async def test_the_active_window_bounds_what_is_held_in_memory(
         assert (await client.send("a@example.org", [REPLY_RCPT], numbered_message(number))).results[0][:3] == "250"
         largest = max(largest, dispatcher.active)
     await client.quit()
-    await eventually(lambda: dispatcher.stats.transient >= 60, what="every entry tried once")
+    await eventually(lambda: len(deferred_files(tmp_path)) == 60, what="every entry deferred (tried or not)")
     assert largest <= 5
     redis.start()
     await eventually(lambda: sum(delivered_numbers(redis).values()) >= 60, what="all 60 jobs")
     assert delivered_numbers(redis) == Counter(range(60))
     await eventually(lambda: dispatcher.backlog == 0, what="nothing waits")
+
+
+async def test_a_failing_mailbox_is_tried_once_in_a_while_and_the_rest_wait_untried(
+    start_gateway: StartGateway, redis: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Three failures in a row and the mailbox counts as failing: its other entries are deferred without a
+    connection attempt (their metadata untouched, their retry time the backoff's cap), one warning says so."""
+    redis.stop()
+    gateway = await start_gateway(sidekiq_config(tmp_path, redis), backoff_base=60)  # canary: every 5 s
+    await send(gateway, range(10))
+    dispatcher = gateway.gateway.dispatcher
+    await eventually(lambda: len(deferred_files(tmp_path)) == 10, what="all ten deferred")
+    assert dispatcher.stats.transient == 3  # the three real attempts; the seven others untried
+    journal = gateway.gateway.journal
+    untried = [e for e in journal.entries(State.DEFERRED) if e.attempts == 0]
+    assert len(untried) == 7 and all(e.last_error is None for e in untried)
+    assert all(e.next_attempt_at and e.next_attempt_at > time.time() + 200 for e in untried)  # from the file's time
+    warnings = [r for r in caplog.records if r.levelname == "WARNING" and r.__dict__.get("event") == "suspended"]
+    assert len(warnings) == 1 and "3 attempts failed in a row" in warnings[0].getMessage()

@@ -161,8 +161,8 @@ async def test_spool_and_replay_take_another_journal_with_spool(tmp_path: Path) 
 def rescans_of(journal: Journal, monkeypatch: pytest.MonkeyPatch) -> list[State]:
     """Each listing of pending/ by the running gateway's rescan, recorded as it happens."""
     listings: list[State] = []
-    first_ids = journal.first_ids
-    monkeypatch.setattr(journal, "first_ids", lambda state, *args: listings.append(state) or first_ids(state, *args))
+    iter_ids = journal.iter_ids
+    monkeypatch.setattr(journal, "iter_ids", lambda state: listings.append(state) or iter_ids(state))
     return listings
 
 

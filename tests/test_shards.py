@@ -41,6 +41,8 @@ async def test_shards_beyond_the_workers_are_merged_with_every_entry_whole(tmp_p
     deferred = entry("b" * 24, State.DEFERRED)
     deferred.next_attempt_at = time.time() + 3600
     await seed(shard_root(tmp_path, 1), entry("c" * 24), deferred, entry("d" * 24, State.DELIVERED))
+    due = deferred.next_attempt_at
+    os.utime(shard_root(tmp_path, 1) / "deferred" / f"{'b' * 24}.json", (due, due))  # its retry time, as deferred
     await seed(shard_root(tmp_path, 2), entry("e" * 24, State.FAILED), entry("f" * 24, State.DROPPED))
     quarantine = shard_root(tmp_path, 2) / "quarantine"
     quarantine.mkdir()

@@ -10,7 +10,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -279,11 +279,26 @@ class Journal:
 
         await self._io.run(work, durable=durable)
 
-    async def defer(self, entry: Entry, due: float) -> None:
+    async def defer(self, entry: Entry, due: float, *, tried: bool = True) -> None:
         """Park an entry in deferred/ until `due` (not flushed: after a crash it is retried early or late, never
-        lost)."""
+        lost). An entry deferred untried (its mailbox is failing) keeps its metadata as it is: two renames and
+        the file's time, for each of the hundred thousand entries an outage may defer."""
         entry.next_attempt_at = due
-        await self.move(entry, State.DEFERRED)
+        if tried:
+            await self.move(entry, State.DEFERRED)
+            return
+        old_json, old_eml = self._json_path(entry), self.eml_path(entry)
+        entry.state = State.DEFERRED
+        new_json, new_eml = self._json_path(entry), self.eml_path(entry)
+
+        def work() -> Flushable:
+            if old_json != new_json:
+                os.replace(old_json, new_json)
+                os.replace(old_eml, new_eml)
+            os.utime(new_json, (due, due))
+            return Flushable()
+
+        await self._io.run(work, durable=False)
 
     # --- reading ---
 
@@ -303,17 +318,6 @@ class Journal:
 
     def count(self, *states: State) -> int:
         return sum(1 for state in states for _ in self.iter_ids(state))
-
-    def first_ids(self, state: State, limit: int, skip: Callable[[str], bool]) -> tuple[list[str], bool]:
-        """Up to `limit` ids in `state` that `skip` does not rule out, and whether more are there."""
-        found: list[str] = []
-        for entry_id in self.iter_ids(state):
-            if skip(entry_id):
-                continue
-            if len(found) == limit:
-                return found, True
-            found.append(entry_id)
-        return found, False
 
     def load_all(self, state: State, entry_ids: list[str]) -> list[Entry]:
         """Those of `entry_ids` still in `state` (any may have moved on meanwhile). The journal's owner sets aside
@@ -337,6 +341,9 @@ class Journal:
     def _load(path: Path, state: State) -> Entry:
         entry = Entry.from_json(path.read_bytes())
         entry.state = state  # where the file is decides, should a crash have left older content behind
+        if state is State.DEFERRED:  # and the file's time says when it is retried
+            with contextlib.suppress(OSError):
+                entry.next_attempt_at = path.stat().st_mtime
         return entry
 
     def due(self, now: float, limit: int) -> tuple[list[str], float | None]:
