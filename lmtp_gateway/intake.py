@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmtp_gateway.config import DEFAULT_RETENTION
 from lmtp_gateway.dispatch import Dispatcher
 from lmtp_gateway.eightbit import for_gitlab, is_utf8
 from lmtp_gateway.headers import Header, header_start, read_header
@@ -70,6 +71,7 @@ class Intake:
         metrics: Metrics | None = None,
         *,
         siblings: list[Journal] | None = None,
+        retry_horizon: float = DEFAULT_RETENTION,
     ) -> None:
         self.table = table
         self.journal = journal
@@ -78,6 +80,9 @@ class Intake:
         # The other workers' shards, read only: a Postfix retry that reaches another worker than the first time
         # finds the entry there (Redis guards Sidekiq delivery on its own; webhook and Maildir need this).
         self.siblings = siblings or []
+        # How long after its first delivery a message may come again and find its entry: the journal keeps
+        # finished entries that long (spool.retention).
+        self.retry_horizon = retry_horizon
 
     @staticmethod
     def received(raw: bytes) -> Received:
@@ -135,9 +140,9 @@ class Intake:
             if rcpt is None:
                 assert mailbox is not None
                 blank = not head.strip()
-                found.append(Verdict("reject", REASON_BLANK, mailbox) if blank else gitlab_verdict(
-                    self.table, header, mailbox
-                ))
+                found.append(
+                    Verdict("reject", REASON_BLANK, mailbox) if blank else gitlab_verdict(self.table, header, mailbox)
+                )
                 continue
             recipient = match_recipient(self.table.restricted_to(mailbox), rcpt)
             if not recipient.accepted:
@@ -148,17 +153,16 @@ class Intake:
             found.append(copy_verdict(self.table, header, rcpt, recipient.mailbox, recipient.key))
         return found
 
-    def _find(self, entry_id: str, drafts: list[Draft]) -> tuple[Entry | None, bool]:
+    def _find(self, entry_id: str, drafts: list[Draft], journals: list[Journal]) -> tuple[Entry | None, bool]:
         """The entry with this id, and whether it is this journal's: in this transaction's drafts, this journal,
-        or (not this journal's) another worker's shard."""
+        or (not this journal's) another worker's shard; `journals` are those searched on disk."""
         found = next((d.entry for d in drafts if d.entry.id == entry_id), None)
-        found = found or self.journal.find(entry_id, DEDUPE_STATES)
         if found is not None:
             return found, True
-        for sibling in self.siblings:
-            found = sibling.find(entry_id, DEDUPE_STATES)
+        for journal in journals:
+            found = journal.find(entry_id, DEDUPE_STATES)
             if found is not None:
-                return found, False
+                return found, journal is self.journal
         return None, True
 
     async def _commit(
@@ -174,6 +178,10 @@ class Intake:
         now = time.time()
         results: list[Acceptance] = []
         drafts: list[Draft] = []
+        journals = [self.journal, *self.siblings]
+        # Each directory searched is a look-up that waits for the journal's writes: the search by the copy's name
+        # only goes where an earlier version's deliveries may still be retried.
+        copy_named = [journal for journal in journals if journal.copy_named(now - self.retry_horizon)]
         for rcpt, verdict in zip(rcpts, verdicts, strict=True):
             if verdict.verdict == "reject":
                 # Over LMTP, RCPT already refused unknown addresses; replayed files and collectors meet them here.
@@ -185,12 +193,12 @@ class Intake:
                     continue
             copy_mailbox = verdict.mailbox or mailbox or "-"
             identity = fingerprint(received.digest, copy_mailbox, rcpt or "")
-            existing, mine = self._find(identity[:ID_LENGTH], drafts)  # a retry of this very copy
+            existing, mine = self._find(identity[:ID_LENGTH], drafts, copy_named)  # a retry of this very copy
             state, duplicate_of = State.DROPPED, None
             if existing is None and verdict.verdict == "deliver":
                 assert verdict.key is not None
                 target = target_fingerprint(received.digest, copy_mailbox, verdict.key)
-                carrier, mine = self._find(target[:ID_LENGTH], drafts)
+                carrier, mine = self._find(target[:ID_LENGTH], drafts, journals)
                 if carrier is None:
                     identity, state = target, State.PENDING
                 elif carrier.rcpt == rcpt:

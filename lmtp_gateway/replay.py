@@ -211,7 +211,13 @@ async def run(
         files = list(files)
         journal.ensure_layout()
         dispatcher = Dispatcher(journal, sinks, refill=False)  # what it ingests, not what `serve` owns
-        intake = Intake(config.routing, journal, None if dry_run else dispatcher, siblings=spool.journals[1:])
+        intake = Intake(
+            config.routing,
+            journal,
+            None if dry_run else dispatcher,
+            siblings=spool.journals[1:],
+            retry_horizon=config.spool.retention,
+        )
         with progress(len(files), "ingesting") as step:
             lines = await ingest_files(
                 intake, config.routing, files, rcpt=rcpt, mail_from=mail_from, dry_run=dry_run, progress=step

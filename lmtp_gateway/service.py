@@ -67,7 +67,14 @@ class Gateway:
         self.metrics = Metrics()
         self.dispatcher = Dispatcher(self.journal, self.sinks, backoff_base=backoff_base, metrics=self.metrics)
         others = [Journal(shard_root(spool, i)) for i in range(seat.count) if i != seat.index] if seat else []
-        self.intake = Intake(config.routing, self.journal, self.dispatcher, self.metrics, siblings=others)
+        self.intake = Intake(
+            config.routing,
+            self.journal,
+            self.dispatcher,
+            self.metrics,
+            siblings=others,
+            retry_horizon=config.spool.retention,
+        )
         self.metrics.watch_backlog(self.dispatcher.pending)
         self.metrics.active.set_function(lambda: self.dispatcher.active)
         self.metrics.watch_quarantine(lambda: len(self.journal.quarantined()))

@@ -11,8 +11,18 @@ from pathlib import Path
 import pytest
 
 from lmtp_gateway.errors import JournalError
+from lmtp_gateway.intake import Acceptance, Intake
 from lmtp_gateway.journal import Entry, Journal, State, envelope_headers, fingerprint
-from tests.conftest import StartGateway, draft, eventually, make_config, tmp_leftovers
+from lmtp_gateway.journal.store import TARGET_NAMED
+from tests.conftest import (
+    REPLY_RCPT,
+    StartGateway,
+    draft,
+    eventually,
+    make_config,
+    numbered_message,
+    tmp_leftovers,
+)
 
 
 def new_entry(entry_id: str, state: State = State.PENDING, received_at: float | None = None) -> Entry:
@@ -184,3 +194,50 @@ async def test_a_closed_journal_refuses_at_once(tmp_path: Path) -> None:
     with pytest.raises(JournalError, match="closed"):
         await asyncio.wait_for(commit(journal, new_entry("a" * 24)), 5)
     assert not list((tmp_path / "pending").glob(f"{'a' * 24}.*"))
+
+
+async def test_a_retry_finds_what_an_earlier_version_named_by_the_copy_within_the_retention(tmp_path: Path) -> None:
+    """Deliveries are named by their GitLab target; an earlier version named them by the copy. A journal of
+    that version is still searched by the copy's name for as long as finished entries are kept, and only then."""
+    spool, raw, retention = tmp_path / "spool", numbered_message(7), 7 * 86400
+    received, routing = Intake.received(raw), make_config(spool).routing
+
+    async def accept(journal: Journal) -> Acceptance:
+        (acceptance,) = await Intake(routing, journal, None, retry_horizon=retention).accept(
+            received, "a@example.org", [REPLY_RCPT], ingress="test"
+        )
+        return acceptance
+
+    fresh = Journal(spool)
+    fresh.open()
+    assert fresh.target_named_since == 0.0 and not fresh.copy_named(time.time() - retention)
+    first = await accept(fresh)
+    assert first.entry is not None and not first.duplicate
+    fresh.close()
+
+    # The same entry as an earlier version left it: named by the copy, no marker.
+    copy_name = fingerprint(received.digest, "incoming_email", REPLY_RCPT)
+    for suffix in (".json", ".eml"):
+        os.replace(spool / "pending" / f"{first.entry.id}{suffix}", spool / "delivered" / f"{copy_name[:24]}{suffix}")
+    metadata = spool / "delivered" / f"{copy_name[:24]}.json"
+    metadata.write_bytes(metadata.read_bytes().replace(first.entry.fingerprint.encode(), copy_name.encode()))
+    metadata.write_bytes(metadata.read_bytes().replace(first.entry.id.encode(), copy_name[:24].encode()))
+    (spool / TARGET_NAMED).unlink()
+
+    upgraded = Journal(spool)
+    assert upgraded.copy_named(time.time() - retention)  # not opened yet: nobody can tell
+    upgraded.open()
+    assert 0 < upgraded.target_named_since <= time.time()
+    retry = await accept(upgraded)
+    assert retry.duplicate and retry.entry is not None and retry.entry.id == copy_name[:24]
+    assert not upgraded.ids(State.PENDING)
+    upgraded.close()
+
+    # Past the retention, no retry can still be on its way: the copy's name is no longer searched.
+    (spool / TARGET_NAMED).write_text(f"{time.time() - retention - 60}\n")
+    later = Journal(spool)
+    later.open()
+    assert not later.copy_named(time.time() - retention)
+    again = await accept(later)
+    assert not again.duplicate and later.ids(State.PENDING) == [first.entry.id]
+    later.close()

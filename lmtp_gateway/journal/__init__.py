@@ -9,6 +9,7 @@ A directory an admin can read with ordinary tools::
       deferred/            waiting for a retry: each .json's modification time is when the retry is due
       delivered/  dropped/  failed/
       quarantine/          entries found damaged, set aside until repaired (never delivered as they are)
+      target-named-since   since when the copies to deliver are named by their GitLab target (``store``)
 
 An entry is committed when its ``.eml`` and ``.json`` are written in a state directory and both files and the
 directory are flushed to disk; only then may anyone answer ``250``. All of that happens in one I/O thread

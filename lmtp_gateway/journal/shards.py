@@ -23,7 +23,7 @@ import shutil
 from pathlib import Path
 
 from lmtp_gateway.journal.entry import Draft, State
-from lmtp_gateway.journal.store import Journal
+from lmtp_gateway.journal.store import TARGET_NAMED, Journal
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +144,8 @@ def _move_quarantine(source: Journal, target: Journal) -> None:
 
 
 def _remove_if_empty(root: Path) -> None:
-    """The merged shard's directories, once nothing but empty directories and its lock are left."""
-    leftovers = [p for p in root.rglob("*") if p.is_file() and p.name != "owner.lock"]
+    """The merged shard's directories, once nothing but empty directories, its lock and its marker are left."""
+    leftovers = [p for p in root.rglob("*") if p.is_file() and p.name not in ("owner.lock", TARGET_NAMED)]
     if leftovers:
         log.error("journal %s: %d files left after merging; not removed", root, len(leftovers))
         return

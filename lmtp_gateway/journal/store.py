@@ -27,6 +27,10 @@ QUARANTINE = "quarantine"
 # there, and a second dropped or dead entry of it delivers nothing twice. Each directory searched costs a look-up
 # that waits for the journal's writes to that directory.
 DEDUPE_STATES = (State.PENDING, State.DEFERRED, State.DELIVERED)
+# Since when every entry this journal delivers is named by its GitLab target (a copy GitLab would route elsewhere
+# is dropped, and only dropped copies are named by the copy). Entries of earlier versions were named by the copy,
+# and a retry of one must still find it: the look-up by the copy's name is needed for entries from before then.
+TARGET_NAMED = "target-named-since"
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 
 
@@ -64,6 +68,8 @@ class Journal:
         # ids whose commit is under way: their files exist under final names before they are durable
         self._committing: collections.Counter[str] = collections.Counter()
         self._owner_lock: int | None = None
+        self.target_named_since = self._read_target_named_since()
+        self._target_named_read_at = time.monotonic()
 
     # --- layout ---
 
@@ -91,7 +97,36 @@ class Journal:
             with contextlib.suppress(OSError):
                 leftover.unlink()
         recovery.repair(self)
+        self._record_target_named_since()
         return self.count(*WAITING)
+
+    def _read_target_named_since(self) -> float:
+        """When this journal began naming deliveries by target; never, as far as anyone can tell, without the file
+        (a journal of an earlier version, or one whose owner has not opened it yet)."""
+        try:
+            return float((self.root / TARGET_NAMED).read_text())
+        except (OSError, ValueError):
+            return float("inf")
+
+    def _record_target_named_since(self) -> None:
+        if self.target_named_since != float("inf"):
+            return
+        # A journal with nothing a retry could find was never written by an earlier version (or is past caring).
+        since = time.time() if any(next(self.iter_ids(state), None) for state in DEDUPE_STATES) else 0.0
+        marker = self.root / TARGET_NAMED
+        partial = self.tmp / TARGET_NAMED
+        partial.write_text(f"{since}\n")
+        os.replace(partial, marker)  # a torn file would read as "never": more look-ups, never fewer
+        self.target_named_since = since
+
+    def copy_named(self, since: float) -> bool:
+        """Whether entries named by the copy (an earlier version's deliveries) may still be here and be retried:
+        received before this journal named them by target, and not longer ago than `since`."""
+        now = time.monotonic()
+        if self.target_named_since == float("inf") and now - self._target_named_read_at > 5:
+            self._target_named_read_at = now  # another worker's shard, which its owner may have opened since
+            self.target_named_since = self._read_target_named_since()
+        return self.target_named_since > since
 
     def _take_ownership(self) -> None:
         """One owner per journal: a second `serve` or `collect` on the same spool would clear the first one's
