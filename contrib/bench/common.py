@@ -240,6 +240,7 @@ class ProcStat:
     own: int  # utime + stime (fields 14, 15)
     reaped: int  # cutime + cstime (fields 16, 17): its children that exited and were waited for
     name: str
+    system: int = 0  # stime (field 15): of `own`, the time in the kernel on its behalf
 
     @property
     def key(self) -> tuple[int, int]:
@@ -254,7 +255,8 @@ def proc_stat(pid: int, tid: int | None = None) -> ProcStat | None:
             head, tail = stat.read().decode(errors="replace").rsplit(")", 1)
         fields = tail.split()  # fields[0] is field 3 (state)
         own, reaped = int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14])
-        return ProcStat(pid, int(fields[1]), int(fields[19]), own, reaped, head.split("(", 1)[1])
+        name = head.split("(", 1)[1]
+        return ProcStat(pid, int(fields[1]), int(fields[19]), own, reaped, name, int(fields[12]))
     except (OSError, ValueError, IndexError):
         return None
 

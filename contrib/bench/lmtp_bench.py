@@ -600,6 +600,13 @@ def account_gateway(result: ServerResult, run: SourceRun, end: dict[str, Any], r
         )
         rss.append(proc_status_mb(last.pid, "VmHWM") if last else None)
     result.extra["cpu_s_workers"] = per_worker
+    # In the kernel: system calls, the file system, loopback TCP (a send runs the receiver's side too).
+    system = [
+        (after.workers[i].system - before.workers[i].system) / TICK
+        for i in range(workers)
+        if i in before.workers and i in after.workers and before.workers[i].key == after.workers[i].key
+    ]
+    result.extra["cpu_system_share_workers"] = sum(system) / max(sum(v for v in per_worker if v), 1e-9)
     result.extra["cpu_s_other"] = total - supervisor_s - sum(value for value in per_worker if value is not None)
     result.extra["event_loop_utilization_workers"] = loops
     result.extra["peak_rss_mb_workers"] = rss
@@ -815,7 +822,8 @@ def describe(row: dict[str, Any]) -> str:
             f"dovecot {runs(dc['msgs_per_s_runs'])}",
             f"    CPU: gateway {fmt(gw['cpu_ms_per_msg'], '.2f')} ms/msg, {fmt(gw['cpu_utilization'], '.2f')} cores "
             f"busy (per worker s {per_run('cpu_s_workers', '.2f')}; "
-            f"event loops {per_run('event_loop_utilization_workers', '.2f')} cores); "
+            f"event loops {per_run('event_loop_utilization_workers', '.2f')} cores; in the kernel "
+            f"{'/'.join(fmt(r['extra'].get('cpu_system_share_workers'), '.0%') for r in gw_runs)}); "
             f"redis {fmt(gw['redis_cpu_ms_per_msg'], '.2f')} ms/msg, {fmt(gw['redis_cpu_utilization'], '.2f')} cores; "
             f"dovecot {fmt(dc['cpu_ms_per_msg'], '.2f')} ms/msg, {fmt(dc['cpu_utilization'], '.2f')} cores; "
             f"the whole machine kept {fmt(gw['machine_busy_cores'], '.2f')} of {os.cpu_count()} cores busy under "
