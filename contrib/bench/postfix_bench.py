@@ -5,7 +5,7 @@ question that matters there is whether the gateway ever becomes the bottleneck o
 load (``smtp-source`` speaking SMTP to Postfix, a new connection per message like sending servers do) goes
 through two otherwise identical Postfix instances whose LMTP next hop differs:
 
-1. ``lmtp-gateway`` (configured with exactly what ``lmtp-gateway postfix-config`` prints, policy service
+1. ``lmtp-gateway`` (configured with exactly what ``lmtp-gateway postfix-config`` prints, policy service and milter
    included), delivering Sidekiq jobs into a real Redis: done when ``LLEN queue:default`` reaches the count;
 2. Dovecot's LMTP, delivering to a Maildir: done when the files in the Maildir reach the count.
 
@@ -85,6 +85,8 @@ lmtp:
   listen: "127.0.0.1:{lmtp_port}"
 policy:
   listen: "127.0.0.1:{policy_port}"
+milter:
+  listen: "127.0.0.1:{milter_port}"
 spool:
   path: {spool}
 redis:
@@ -508,18 +510,26 @@ def read_maillog(text: str, rcpt: str, messages: int, leg: Leg) -> None:
 
 @contextlib.contextmanager
 def gateway_next_hop(workdir: Path, redis: RedisServer) -> Iterator[Target]:
-    """Redis, the gateway, its policy service and a Postfix configured with ``postfix-config``'s fragments.
+    """Redis, the gateway, its policy service, its milter and a Postfix configured with ``postfix-config``'s
+    fragments.
 
     Exactly the production wiring of ``docs/postfix.md`` (and ``tests/test_postfix_e2e.py``): Postfix asks
-    the policy service at RCPT and hands mail to the gateway's own ``gitlab-lmtp`` transport.
+    the policy service at RCPT, the milter at the end of DATA, and hands mail to the gateway's own
+    ``gitlab-lmtp`` transport.
     """
-    lmtp_port, policy_port = free_port(), free_port()
-    while policy_port == lmtp_port:
-        policy_port = free_port()
+    ports: set[int] = set()
+    while len(ports) < 3:
+        ports.add(free_port())
+    lmtp_port, policy_port, milter_port = sorted(ports)
     config = workdir / "gateway.yml"
     config.write_text(
         GATEWAY_CONFIG.format(
-            domain=DOMAIN, lmtp_port=lmtp_port, policy_port=policy_port, spool=workdir / "spool", redis_url=redis.url
+            domain=DOMAIN,
+            lmtp_port=lmtp_port,
+            policy_port=policy_port,
+            milter_port=milter_port,
+            spool=workdir / "spool",
+            redis_url=redis.url,
         )
     )
     command = [gateway_script()]  # the venv's: the package installed editable, i.e. the working tree's gateway
@@ -528,8 +538,7 @@ def gateway_next_hop(workdir: Path, redis: RedisServer) -> Iterator[Target]:
         cwd=workdir,
         output=workdir / "gateway.log",
     )
-    policy = None
-    postfix = None
+    policy = milter = postfix = None
     try:
         wait_until(lambda: greets(lmtp_port), timeout=30, what="lmtp-gateway", proc=gateway,
                    log_files=[workdir / "gateway.log"])  # fmt: skip
@@ -538,6 +547,11 @@ def gateway_next_hop(workdir: Path, redis: RedisServer) -> Iterator[Target]:
         )
         wait_until(lambda: port_open(policy_port), timeout=30, what="policy service", proc=policy,
                    log_files=[workdir / "policy.log"])  # fmt: skip
+        milter = start_process(
+            [*command, "milter", "--config", str(config)], cwd=workdir, output=workdir / "milter.log"
+        )
+        wait_until(lambda: port_open(milter_port), timeout=30, what="milter", proc=milter,
+                   log_files=[workdir / "milter.log"])  # fmt: skip
         postfix = postfix_for_gateway(command, config, [DOMAIN], lmtp_port, workdir).start()
         transport = postfix.postconf("transport_maps")
         if f"gitlab-lmtp:inet:127.0.0.1:{lmtp_port}" not in transport:
@@ -548,15 +562,22 @@ def gateway_next_hop(workdir: Path, redis: RedisServer) -> Iterator[Target]:
             assert isinstance(length, int)
             return length
 
-        groups = {"postfix": postfix.pid, "gateway": gateway.pid, "policy": policy.pid, "redis": redis.pid}
+        groups = {
+            "postfix": postfix.pid,
+            "gateway": gateway.pid,
+            "policy": policy.pid,
+            "milter": milter.pid,
+            "redis": redis.pid,
+        }
         yield Target("lmtp-gateway", GATEWAY_RCPT, lmtp_port, jobs, postfix, {k: v for k, v in groups.items() if v})
     finally:
         if postfix is not None:
             with contextlib.suppress(OSError):
                 (workdir / "maillog").write_text(postfix.maillog_text())  # kept for a post-mortem
             postfix.stop()
-        if policy is not None:
-            stop_process(policy)
+        for helper in (policy, milter):
+            if helper is not None:
+                stop_process(helper)
         if not process_running(gateway):
             with contextlib.suppress(OSError):
                 tail = (workdir / "gateway.log").read_text(errors="replace")[-2000:]
