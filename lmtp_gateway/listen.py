@@ -151,13 +151,44 @@ class Address:
                 os.unlink(self.path)
 
 
-
 class Server(Protocol):
     """What the listeners need of a server: asyncio's, or a SharedAcceptor."""
 
     def close(self) -> None: ...
 
     async def wait_closed(self) -> None: ...
+
+
+class StreamService:
+    """A small service Postfix asks during a session (the policy service, the milter): the same connection
+    handler on every address it listens on, all closed together, UNIX socket files removed."""
+
+    name = "service"  # for the log line
+    key = "listen"  # the configuration key of its addresses, for error messages
+    limit = 64 * 1024  # the most read at once: a line or a packet
+
+    def __init__(self) -> None:
+        self.servers: list[Server] = []
+        self.addresses: list[str] = []
+
+    async def listen(self, spec: str) -> str:
+        server, bound = await Address.parse(spec).serve_streams(self._serve, key=self.key, limit=self.limit)
+        self.servers.append(server)
+        self.addresses.append(str(bound))
+        log.info("%s on %s", self.name, bound, extra={"event": "listening", "address": str(bound)})
+        return str(bound)
+
+    async def close(self) -> None:
+        for server in self.servers:
+            server.close()
+        for server in self.servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 5)
+        for address in self.addresses:
+            Address.parse(address).remove()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
 
 
 class SharedAcceptor:

@@ -21,7 +21,6 @@ per recipient and one at its end.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import struct
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from dataclasses import dataclass, field
 from lmtp_gateway.eightbit import for_gitlab
 from lmtp_gateway.headers import read_header
 from lmtp_gateway.intake import ROUTE_INLINE_LIMIT
-from lmtp_gateway.listen import Address
+from lmtp_gateway.listen import StreamService
 from lmtp_gateway.rules import RoutingTable, Verdict, copy_verdict, match_recipient
 
 log = logging.getLogger(__name__)
@@ -74,27 +73,12 @@ def decide(table: RoutingTable, header: bytes, rcpts: list[str]) -> Decision:
     return Decision(removed=refused)
 
 
-class MilterServer:
+class MilterServer(StreamService):
+    name, key, limit = "milter", "milter.listen", MAX_PACKET
+
     def __init__(self, table: RoutingTable) -> None:
+        super().__init__()
         self.table = table
-        self.servers: list[asyncio.Server] = []
-        self.addresses: list[str] = []
-
-    async def listen(self, spec: str) -> str:
-        server, bound = await Address.parse(spec).serve_streams(self._serve, key="milter.listen", limit=MAX_PACKET)
-        self.servers.append(server)
-        self.addresses.append(str(bound))
-        log.info("milter on %s", bound, extra={"event": "listening", "address": str(bound)})
-        return str(bound)
-
-    async def close(self) -> None:
-        for server in self.servers:
-            server.close()
-        for server in self.servers:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), 5)
-        for address in self.addresses:
-            Address.parse(address).remove()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

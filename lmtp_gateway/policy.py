@@ -18,11 +18,10 @@ still refuses the rest at SMTP time.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sys
 
-from lmtp_gateway.listen import Address
+from lmtp_gateway.listen import StreamService
 from lmtp_gateway.rules import RoutingTable, match_recipient
 
 log = logging.getLogger(__name__)
@@ -53,18 +52,12 @@ def parse_request(block: bytes) -> dict[str, str]:
     return fields
 
 
-class PolicyServer:
-    def __init__(self, table: RoutingTable) -> None:
-        self.table = table
-        self.servers: list[asyncio.Server] = []
-        self.addresses: list[str] = []
+class PolicyServer(StreamService):
+    name, key, limit = "policy service", "policy.listen", MAX_REQUEST
 
-    async def listen(self, spec: str) -> str:
-        server, bound = await Address.parse(spec).serve_streams(self._serve, key="policy.listen", limit=MAX_REQUEST)
-        self.servers.append(server)
-        self.addresses.append(str(bound))
-        log.info("policy service on %s", bound, extra={"event": "listening", "address": str(bound)})
-        return str(bound)
+    def __init__(self, table: RoutingTable) -> None:
+        super().__init__()
+        self.table = table
 
     def serve_stdio(self) -> None:
         """One session on standard input and output, as Postfix's spawn(8) runs a policy server."""
@@ -98,10 +91,3 @@ class PolicyServer:
                 "refused at SMTP time", extra={"event": "rejected", "rcpt": request.get("recipient"), "reason": action}
             )
         return f"action={action}\n\n".encode()
-
-    async def close(self) -> None:
-        for server in self.servers:
-            server.close()
-        for server in self.servers:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), 5)
