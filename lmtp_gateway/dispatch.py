@@ -428,6 +428,7 @@ class Dispatcher:
         elif streak >= SUSPEND_AFTER:
             self._failing[mailbox] = (time.monotonic(), reason)
             self._retry_all = False  # it fails again: back to each entry's own time
+            self._wake.set()  # the refill may be asleep until a retry falls due: it has a canary to send now
             log.warning(
                 "%s: %d attempts failed in a row; one attempt every %.0f s until one succeeds: %s",
                 mailbox, streak, self.canary_seconds, reason, extra={"event": "suspended", "mailbox": mailbox},

@@ -72,6 +72,23 @@ async def test_when_the_sink_answers_again_everything_deferred_goes_at_once(
     assert len(list((tmp_path / "spool" / State.DELIVERED.value).glob("*.json"))) == 20
 
 
+async def test_a_mailbox_that_starts_failing_is_tried_again_whatever_its_retry_times(
+    start_gateway: StartGateway, redis: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each retry here falls due later than the one before, so no deferral wakes the refill: the mailbox's
+    third failure in a row must, or the refill sleeps until the first retry's time with no attempt meanwhile."""
+    monkeypatch.setattr(dispatch, "CANARY_SECONDS", 0.2)
+    delays = iter(range(300, 400))
+    monkeypatch.setattr(dispatch, "backoff_delay", lambda *_, **__: float(next(delays)))
+    redis.stop()
+    gateway = await start_gateway(sidekiq_config(tmp_path, redis), backoff_base=3600)
+    await send(gateway, range(3))
+    await eventually(lambda: gateway.gateway.dispatcher.stats.transient == 3, what="three failed attempts")
+    redis.start()
+    await eventually(lambda: sum(delivered_numbers(redis).values()) >= 3, what="all 3 jobs")
+    assert delivered_numbers(redis) == Counter(range(3))
+
+
 async def test_the_active_window_bounds_what_is_held_in_memory(
     start_gateway: StartGateway, redis: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
