@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -88,8 +89,16 @@ def scratch_dir(choice: str, size_mb: int = 4096) -> Iterator[tuple[Path, str]]:
             os.unlink(image)
 
 
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def measure_on_scratch(choice: str, measure: Callable[[str], int], holds: str = "spools and Maildirs") -> int:
-    """Run a benchmark's `measure(description)` with its files on the scratch file system chosen; its exit status."""
+    """Run a benchmark's `measure(description)` with its files on the scratch file system chosen; its exit status.
+    SIGTERM and SIGHUP (``timeout``, a closed terminal) end it as an exception does, so the servers are stopped
+    and the file system is unmounted and removed rather than left mounted."""
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _exit_on_signal)
     with scratch_dir(choice) as (_, described):
         print(f"{holds} on: {described}", file=sys.stderr)
         return measure(described)
