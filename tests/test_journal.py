@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import time
@@ -241,3 +242,28 @@ async def test_a_retry_finds_what_an_earlier_version_named_by_the_copy_within_th
     again = await accept(later)
     assert not again.duplicate and later.ids(State.PENDING) == [first.entry.id]
     later.close()
+
+
+async def test_a_full_disk_at_start_up_leaves_the_search_by_the_copy_on(small_disk: Path) -> None:
+    """Recording when deliveries began to be named by target needs a file; a full disk must not keep the journal
+    from opening (the backlog is still delivered), and without the record every name is still searched."""
+    spool = small_disk / "spool"
+    journal = Journal(spool)
+    journal.open()
+    await commit(journal, new_entry("f" * 24))  # an entry of an earlier version: no marker beside it
+    journal.close()
+    (spool / TARGET_NAMED).unlink()
+    filler = small_disk / "filler"
+    with contextlib.suppress(OSError), open(filler, "wb", buffering=0) as handle:
+        while True:
+            handle.write(b"\0" * 65536)
+    reopened = Journal(spool)
+    assert reopened.open() == 1
+    assert not (spool / TARGET_NAMED).exists() and reopened.copy_named(time.time())
+    assert not tmp_leftovers(spool)
+    reopened.close()
+    filler.unlink()
+    again = Journal(spool)
+    again.open()
+    assert 0 < again.target_named_since <= time.time()
+    again.close()

@@ -113,10 +113,15 @@ class Journal:
             return
         # A journal with nothing a retry could find was never written by an earlier version (or is past caring).
         since = time.time() if any(next(self.iter_ids(state), None) for state in DEDUPE_STATES) else 0.0
-        marker = self.root / TARGET_NAMED
         partial = self.tmp / TARGET_NAMED
-        partial.write_text(f"{since}\n")
-        os.replace(partial, marker)  # a torn file would read as "never": more look-ups, never fewer
+        try:
+            partial.write_text(f"{since}\n")
+            os.replace(partial, self.root / TARGET_NAMED)  # a torn file reads as "never": more look-ups, not fewer
+        except OSError as error:  # a full disk must not keep the gateway from starting: ask again next start
+            log.warning("journal %s: cannot record %s: %s", self.root, TARGET_NAMED, storage_error_text(error))
+            with contextlib.suppress(OSError):
+                partial.unlink()
+            return
         self.target_named_since = since
 
     def copy_named(self, since: float) -> bool:
