@@ -62,6 +62,23 @@ async def replay_entries(
     return lines
 
 
+def take_over_unowned(spool: Spool) -> list[ReplayLine]:
+    """A journal nobody owns (its host never came back, its `serve` is stopped) never had the start-up repair a
+    `serve` gives its own: give it now, so that what a crash cut short is put right, or set aside and said, rather
+    than skipped in silence. A journal a running process owns was repaired by it and is left alone."""
+    lines = []
+    for journal in spool.journals:
+        before = set(journal.quarantined())
+        try:
+            journal.open()
+        except JournalError:
+            continue
+        for entry_id in sorted(set(journal.quarantined()) - before):
+            _, problem = journal.diagnose(entry_id)
+            lines.append(ReplayLine(entry_id, "damaged", f"{problem}: set aside in {journal.quarantine}"))
+    return lines
+
+
 async def _replay_entry(journal: Journal, sinks: Sinks, entry: Entry, dry_run: bool) -> ReplayLine:
     if entry.state is State.DROPPED or entry.mailbox is None:
         return ReplayLine(entry.id, "skipped", "auto-generated: GitLab would drop it")
@@ -205,9 +222,10 @@ async def run(
         if quarantined:
             return await restore_set_aside(spool, sinks, selection.ids if selection else (), dry_run=dry_run)
         if selection is not None:
+            repaired = [] if dry_run else take_over_unowned(spool)
             entries = select(spool, selection)
             with progress(len(entries), "replaying") as step:
-                return await replay_entries(spool, sinks, entries, dry_run=dry_run, progress=step)
+                return repaired + await replay_entries(spool, sinks, entries, dry_run=dry_run, progress=step)
         files = list(files)
         journal.ensure_layout()
         dispatcher = Dispatcher(journal, sinks, refill=False)  # what it ingests, not what `serve` owns

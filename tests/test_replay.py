@@ -248,29 +248,53 @@ async def test_a_damaged_entry_is_never_shipped_and_shows_everywhere(tmp_path: P
     counted = json.loads(cli("spool", "stats", "--config", config, "--json").stdout)
     assert counted["pending"] == 2  # every name counts, readable or not
 
+    # No process owns this journal: replay gives it the start-up repair `serve` would, and says what it set aside.
     done = cli("replay", "--config", config, "--id", entry.id)
     assert done.returncode == 1
-    assert "damaged" in done.stdout and "set aside" in done.stdout
+    said = {line.split()[0]: line for line in done.stdout.splitlines()}
+    assert set(said) == {entry.id, "f" * 24}
+    assert "damaged" in said[entry.id] and "were committed" in said[entry.id] and "set aside" in said[entry.id]
+    assert "damaged" in said["f" * 24] and "metadata unreadable" in said["f" * 24]
     assert not (spool / "maildir" / "incoming_email" / "new").exists() or not any(
         (spool / "maildir" / "incoming_email" / "new").iterdir()
     )
     assert (spool / "quarantine" / f"{entry.id}.eml").exists()
-    assert json.loads(cli("spool", "stats", "--config", config, "--json").stdout)["quarantined"] == 1
-    listed = cli("spool", "list", "--config", config, "--quarantined")
-    assert listed.stdout.startswith(entry.id) and "bytes" in listed.stdout and "were committed" in listed.stdout
-    still = cli("replay", "--config", config, "--quarantined")
+    assert json.loads(cli("spool", "stats", "--config", config, "--json").stdout)["quarantined"] == 2
+    listed = {
+        line.split()[0]: line for line in cli("spool", "list", "--config", config, "--quarantined").stdout.splitlines()
+    }
+    assert "bytes" in listed[entry.id] and "were committed" in listed[entry.id]
+    still = cli("replay", "--config", config, "--quarantined", "--id", entry.id)
     assert still.returncode == 1 and "damaged" in still.stdout
 
     (spool / "quarantine" / f"{entry.id}.eml").write_bytes(whole)  # the admin restores the file from a backup
     assert "whole again" in cli("spool", "list", "--config", config, "--quarantined").stdout
-    back = cli("replay", "--config", config, "--quarantined")
+    back = cli("replay", "--config", config, "--quarantined", "--id", entry.id)
     assert back.returncode == 0, back.stdout + back.stderr
     assert f"{entry.id}  delivered" in back.stdout
     (copy,) = (spool / "maildir" / "incoming_email" / "new").iterdir()
     assert copy.read_bytes() == whole
-    assert json.loads(cli("spool", "stats", "--config", config, "--json").stdout)["quarantined"] == 0
+    assert json.loads(cli("spool", "stats", "--config", config, "--json").stdout)["quarantined"] == 1  # the torn one
 
 
 def test_replay_with_nothing_selected_says_so(tmp_path: Path) -> None:
     done = cli("replay", "--config", config_file(tmp_path), "--state", "failed")
     assert done.returncode == 0 and "nothing selected" in done.stderr
+
+
+async def test_replay_leaves_a_journal_its_owner_holds_as_it_is(tmp_path: Path) -> None:
+    """While `serve` owns the journal, a pending .json being written is a commit under way, not damage: replay
+    repairs nothing there and touches only what it was asked to deliver."""
+    config = config_file(tmp_path)
+    spool = tmp_path / "spool"
+    (entry,) = await seed(spool, State.FAILED, 1)
+    owner = Journal(spool)
+    owner.open()
+    (spool / "pending" / f"{'e' * 24}.json").write_bytes(b"")  # as a commit looks before its metadata is written
+    try:
+        done = cli("replay", "--config", config, "--state", "failed")
+    finally:
+        owner.close()
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert [line.split()[:2] for line in done.stdout.splitlines()] == [[entry.id, "delivered"]]
+    assert (spool / "pending" / f"{'e' * 24}.json").exists() and not (spool / "quarantine").exists()
