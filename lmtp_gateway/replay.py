@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import re
 import time
 from collections import Counter
@@ -24,7 +23,7 @@ from lmtp_gateway.config import Config, parse_duration
 from lmtp_gateway.dispatch import Dispatcher
 from lmtp_gateway.errors import JournalError
 from lmtp_gateway.intake import Intake
-from lmtp_gateway.journal import DamagedEntry, Entry, Journal, State
+from lmtp_gateway.journal import DamagedEntry, Entry, Journal, State, recovery
 from lmtp_gateway.rules import RoutingTable, route
 from lmtp_gateway.sinks import Delivered, Permanent, Sinks, Transient, build_sinks
 from lmtp_gateway.spool import Selection, Spool, select, set_aside
@@ -125,12 +124,7 @@ def _read_message(journal: Journal, entry: Entry) -> bytes:
         left = next((path for path in _elsewhere(journal, entry) if path.exists()), None)
         if left is None:
             raise
-        os.replace(left, journal.eml_path(entry))
-        log.warning(
-            "journal: %s: message file found in %s/, where an interrupted state change left it; moved to %s/",
-            entry.id, left.parent.name, entry.state,
-            extra={"event": "repaired", "journal_id": entry.id},
-        )  # fmt: skip
+        recovery.rejoin(journal, left, entry.state)
         return journal.read_message(entry)
 
 

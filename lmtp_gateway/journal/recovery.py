@@ -38,11 +38,22 @@ def repair(journal: Journal) -> None:
                 log.warning("journal: removing %s: never committed (no metadata)", eml)
                 eml.unlink()
             else:
-                os.replace(eml, journal.state_dir(owner) / eml.name)
+                rejoin(journal, eml, owner)
     # Only a commit cut short by a crash can be incomplete, and it is pending.
     damaged = [(i, p) for i in journal.iter_ids(State.PENDING) if (p := _check_size(journal, i, State.PENDING))]
     for entry_id, problem in damaged:
         set_aside(journal, entry_id, State.PENDING, problem)
+
+
+def rejoin(journal: Journal, eml: Path, state: State) -> None:
+    """Put a message file back with its metadata, in `state`'s directory: a state change renames the .json first,
+    and a crash between the two renames leaves the .eml behind (the .json is the truth)."""
+    os.replace(eml, journal.state_dir(state) / eml.name)
+    log.warning(
+        "journal: %s: message file found in %s/, where an interrupted state change left it; moved to %s/",
+        eml.stem, eml.parent.name, state,
+        extra={"event": "repaired", "journal_id": eml.stem},
+    )  # fmt: skip
 
 
 def _emls(directory: Path) -> Iterator[Path]:
