@@ -150,8 +150,3 @@ def _remove_if_empty(root: Path) -> None:
         log.error("journal %s: %d files left after merging; not removed", root, len(leftovers))
         return
     shutil.rmtree(root, ignore_errors=True)
-
-
-def read_only(spool: Path, exclude: Path | None = None) -> list[Journal]:
-    """Every shard under `spool` (but `exclude`) opened for reading: the cross-shard look-ups of a worker."""
-    return [Journal(root) for root in shard_roots(spool) if root != exclude]

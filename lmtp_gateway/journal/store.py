@@ -10,7 +10,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -294,17 +294,14 @@ class Journal:
         metadata is brought up to date in place (finished entries' metadata is informational: no new file).
         A dead letter's metadata must survive anything: it is replaced atomically and flushed. Into deferred/,
         the .json's modification time becomes ``entry.next_attempt_at``: the deferred scan reads only that."""
-        old_json, old_eml = self._json_path(entry), self.eml_path(entry)
-        entry.state = state
+        rename = self._state_change(entry, state)
         entry.finished_at = time.time() if state in FINISHED else None
-        new_json, new_eml = self._json_path(entry), self.eml_path(entry)
+        new_json = self._json_path(entry)
         data = entry.to_json()
         due = entry.next_attempt_at if state is State.DEFERRED else None
 
         def work() -> Flushable:
-            if old_json != new_json:
-                os.replace(old_json, new_json)
-                os.replace(old_eml, new_eml)
+            rename()
             if durable:
                 return Flushable([self._replace_metadata(entry, data)], {new_json.parent})
             descriptor = os.open(new_json, os.O_WRONLY | os.O_CLOEXEC)
@@ -327,18 +324,29 @@ class Journal:
         if tried:
             await self.move(entry, State.DEFERRED)
             return
-        old_json, old_eml = self._json_path(entry), self.eml_path(entry)
-        entry.state = State.DEFERRED
-        new_json, new_eml = self._json_path(entry), self.eml_path(entry)
+        rename = self._state_change(entry, State.DEFERRED)
+        new_json = self._json_path(entry)
 
         def work() -> Flushable:
-            if old_json != new_json:
-                os.replace(old_json, new_json)
-                os.replace(old_eml, new_eml)
+            rename()
             os.utime(new_json, (due, due))
             return Flushable()
 
         await self._io.run(work, durable=False)
+
+    def _state_change(self, entry: Entry, state: State) -> Callable[[], None]:
+        """Set `entry`'s state; returns the renames that carry its files there, for the I/O thread: the .json first
+        (it is the truth), then the .eml (recovery moves one a crash left behind to its .json)."""
+        old_json, old_eml = self._json_path(entry), self.eml_path(entry)
+        entry.state = state
+        new_json, new_eml = self._json_path(entry), self.eml_path(entry)
+
+        def rename() -> None:
+            if old_json != new_json:
+                os.replace(old_json, new_json)
+                os.replace(old_eml, new_eml)
+
+        return rename
 
     # --- reading ---
 
@@ -394,20 +402,11 @@ class Journal:
         ready: list[tuple[float, str]] = []
         later: float | None = None
         try:
-            with os.scandir(self.state_dir(State.DEFERRED)) as listing:
-                for item in listing:
-                    if not item.name.endswith(".json"):
-                        continue
-                    try:
-                        when = item.stat().st_mtime
-                    except FileNotFoundError:
-                        continue  # delivered or moved meanwhile
-                    if when <= now:
-                        ready.append((when, item.name[: -len(".json")]))
-                    elif later is None or when < later:
-                        later = when
-        except FileNotFoundError:
-            return [], None
+            for entry_id, when in _timed(self.state_dir(State.DEFERRED), ".json"):
+                if when <= now:
+                    ready.append((when, entry_id))
+                elif later is None or when < later:
+                    later = when
         except OSError as error:
             log.error("journal: cannot list %s: %s", self.state_dir(State.DEFERRED), storage_error_text(error))
             return [], now
@@ -420,19 +419,9 @@ class Journal:
         message file's time: written once, when the message came in)."""
         count, oldest = 0, None
         for state in WAITING:
-            try:
-                with os.scandir(self.state_dir(state)) as listing:
-                    for item in listing:
-                        if not item.name.endswith(".eml"):
-                            continue
-                        try:
-                            written = item.stat().st_mtime
-                        except FileNotFoundError:
-                            continue
-                        count += 1
-                        oldest = written if oldest is None else min(oldest, written)
-            except FileNotFoundError:
-                continue
+            for _, written in _timed(self.state_dir(state), ".eml"):
+                count += 1
+                oldest = written if oldest is None else min(oldest, written)
         return count, oldest
 
     def exists(self, entry: Entry) -> bool:
@@ -456,7 +445,7 @@ class Journal:
 
     def quarantined(self) -> list[str]:
         """The ids of the entries set aside."""
-        return sorted({name.rpartition(".")[0] for name in _names(self.quarantine) if name.endswith((".json", ".eml"))})
+        return sorted({name.rpartition(".")[0] for name in _scan(self.quarantine) if name.endswith((".json", ".eml"))})
 
     def diagnose(self, entry_id: str) -> tuple[Entry | None, str | None]:
         """A set-aside entry's metadata (None if unreadable) and what is still wrong with it (None: it is whole)."""
@@ -527,8 +516,27 @@ class Journal:
             self._owner_lock = None
 
 
+def _timed(directory: Path, suffix: str) -> Iterator[tuple[str, float]]:
+    """The entries of `directory` by their files with `suffix`: each id and its file's modification time, from
+    the listing and a stat, never the contents. A directory missing has none, a file gone meanwhile (delivered,
+    moved) is left out; any other error is the caller's."""
+    try:
+        with os.scandir(directory) as listing:
+            for item in listing:
+                if not item.name.endswith(suffix):
+                    continue
+                try:
+                    when = item.stat().st_mtime
+                except FileNotFoundError:
+                    continue
+                yield item.name[: -len(suffix)], when
+    except FileNotFoundError:
+        return
+
+
 def _scan(directory: Path) -> Iterator[str]:
-    """The names in `directory`, read as the listing goes (os.scandir), with _names' error handling."""
+    """The names in `directory`, read as the listing goes (os.scandir). A directory missing has none; one that
+    cannot be read is logged and has none: a rescan or a retention sweep must not end the daemon over this."""
     try:
         with os.scandir(directory) as listing:
             for item in listing:
@@ -537,13 +545,3 @@ def _scan(directory: Path) -> Iterator[str]:
         return
     except OSError as error:
         log.error("journal: cannot list %s: %s", directory, storage_error_text(error))
-
-
-def _names(directory: Path) -> list[str]:
-    try:
-        return os.listdir(directory)
-    except FileNotFoundError:
-        return []
-    except OSError as error:  # a rescan or a retention sweep must not end the daemon over this
-        log.error("journal: cannot list %s: %s", directory, storage_error_text(error))
-        return []
