@@ -284,8 +284,7 @@ class Dispatcher:
         while True:
             entry, raw = await self._ready.get()
             try:
-                suspended = self._suspended(entry)
-                if suspended is not None:
+                if self._suspended(entry):
                     await self._set_aside_untried(entry)
                     continue
                 async with self._budget.hold(entry.stored_size or entry.size):
@@ -306,22 +305,22 @@ class Dispatcher:
     async def _set_aside_untried(self, entry: Entry) -> None:
         """Its mailbox is failing: into deferred/ for the backoff's cap, untried and uncounted; the canary's
         success brings it back sooner. One debug line: the failing mailbox has its warnings."""
-        delay = backoff_delay(1, self.backoff_cap, self.backoff_cap)
-        await self.journal.defer(entry, self.clock() + delay, tried=False)
+        due = self.clock() + backoff_delay(1, self.backoff_cap, self.backoff_cap)
+        await self.journal.defer(entry, due, tried=False)
         log.debug("%s", SUSPENDED, extra={"event": "deferred", "journal_id": entry.id, "mailbox": entry.mailbox})
         self._done(entry)
-        self._deferred_until(self.clock() + delay)
+        self._deferred_until(due)
 
-    def _suspended(self, entry: Entry) -> str | None:
-        """Why `entry` is not tried now (its mailbox failed a moment ago), or None: go ahead."""
+    def _suspended(self, entry: Entry) -> bool:
+        """Whether `entry` is not tried now: its mailbox failed a moment ago (each canary interval, one goes)."""
         if entry.mailbox not in self._failing:
-            return None
+            return False
         tried, reason = self._failing[entry.mailbox]
         now = time.monotonic()
         if now - tried >= self.canary_seconds:
             self._failing[entry.mailbox] = (now, reason)  # this one is the real attempt
-            return None
-        return f"{SUSPENDED}: {reason}"
+            return False
+        return True
 
     async def _read(self, entry: Entry) -> bytes | None:
         """The stored message, checked whole; None when there is nothing to deliver. A damaged entry is set aside
@@ -407,7 +406,8 @@ class Dispatcher:
             case Transient(reason, _):
                 delay = backoff_delay(entry.attempts, self.backoff_base, self.backoff_cap)
                 entry.last_error = reason
-                await self.journal.defer(entry, self.clock() + delay)
+                due = self.clock() + delay
+                await self.journal.defer(entry, due)
                 self.stats.transient += 1
                 log.warning(
                     "temporary failure, retry in %.1fs: %s",
@@ -416,7 +416,7 @@ class Dispatcher:
                     extra={"event": "deferred", "journal_id": entry.id, "mailbox": entry.mailbox, "sink": entry.sink},
                 )
                 self._done(entry)
-                self._deferred_until(self.clock() + delay)
+                self._deferred_until(due)
                 if entry.mailbox is not None:
                     self._failed(entry.mailbox, reason)
 
