@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ChildServer",
     "DovecotServer",
+    "OnePort",
     "PostfixServer",
     "RedisServer",
     "free_port",
@@ -272,6 +273,19 @@ def _exited(pid: int) -> bool:
         return os.waitid(os.P_PID, pid, flags) is not None
     except ChildProcessError:
         return True
+
+
+class OnePort:
+    """A server on one TCP port: a free one chosen on first use (unless given: `_port`), kept across restarts, so
+    a server stopped and started again comes back on the same address."""
+
+    _port: int | None = None
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            self._port = free_port()
+        return self._port
 
 
 class ChildServer:

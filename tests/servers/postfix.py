@@ -42,6 +42,7 @@ from typing import Any
 from . import (
     LOOPBACK,
     ChildServer,
+    OnePort,
     _register,
     free_port,
     group_alive,
@@ -171,7 +172,7 @@ def lmtp_next_hop(port: int, host: str = LOOPBACK) -> str:
     return f"lmtp:inet:{host}:{port}"
 
 
-class PostfixServer(ChildServer):
+class PostfixServer(OnePort, ChildServer):
     """Throw-away Postfix relaying ``domains`` to an LMTP ``next_hop``.
 
     Usage::
@@ -242,13 +243,6 @@ class PostfixServer(ChildServer):
         self._tmpdir: Path | None = None
 
     # -- public API ---------------------------------------------------------
-
-    @property
-    def port(self) -> int:
-        """The SMTP port; fixed once chosen, also across restarts."""
-        if self._port is None:
-            self._port = free_port()
-        return self._port
 
     @property
     def domains(self) -> list[str]:

@@ -16,6 +16,7 @@ from typing import IO, TypeAlias
 from . import (
     LOOPBACK,
     ChildServer,
+    OnePort,
     _register,
     free_port,
     require_binary,
@@ -32,7 +33,7 @@ class RedisError(Exception):
     """An ``-ERR ...`` reply from the server."""
 
 
-class RedisServer(ChildServer):
+class RedisServer(OnePort, ChildServer):
     """Throw-away ``redis-server`` without persistence.
 
     The port is chosen once and kept for the object's lifetime, so
@@ -69,13 +70,6 @@ class RedisServer(ChildServer):
         self._tmpdir: Path | None = None
 
     # -- public API ---------------------------------------------------------
-
-    @property
-    def port(self) -> int:
-        """The TCP port; fixed once chosen, also across restarts."""
-        if self._port is None:
-            self._port = free_port()
-        return self._port
 
     @property
     def url(self) -> str:

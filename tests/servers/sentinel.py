@@ -22,7 +22,7 @@ import threading
 from pathlib import Path
 from typing import Any, Self
 
-from . import LOOPBACK, ChildServer, _register, free_port, require_binary, start_process, wait_until
+from . import LOOPBACK, ChildServer, OnePort, _register, require_binary, start_process, wait_until
 from .redis import RedisError, RedisServer, RespValue, resp_command
 
 __all__ = ["MASTER_NAME", "NODE_CONFIG", "LinkRelay", "SentinelGroup", "SentinelServer", "wait_replicating"]
@@ -40,7 +40,7 @@ def _pairs(reply: RespValue) -> dict[str, str]:
     return dict(zip(items[::2], items[1::2], strict=False))
 
 
-class SentinelServer(ChildServer):
+class SentinelServer(OnePort, ChildServer):
     """``redis-server sentinel.conf --sentinel`` monitoring one master with quorum 1."""
 
     host: str = LOOPBACK
@@ -62,12 +62,6 @@ class SentinelServer(ChildServer):
         self._port: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._tmpdir: Path | None = None
-
-    @property
-    def port(self) -> int:
-        if self._port is None:
-            self._port = free_port()
-        return self._port
 
     @property
     def log_path(self) -> Path:
